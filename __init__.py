@@ -1,0 +1,8 @@
+"""QuantKit: quantize diffusion models and text encoders inside ComfyUI.
+
+Layout: backends/ is pure torch (one adapter per quantization library); nodes/ is the
+ComfyUI side. Only relative imports: the pack works under any folder name.
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,130 @@
+"""Quantize the Linear/Conv layers of a module tree in place (call it on a clone)."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .base import parts_nbytes
+from .errors import QuantKitError
+from .modules import make_quantized
+from .recipes import Recipe
+from .registry import check_usable, get_format
+from .report import FALLBACK, KEPT, QUANTIZED, LayerRecord, QuantReport
+
+log = logging.getLogger("quantkit")
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Progress = Callable[[int, int], None]
+
+
+def _nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.nelement() * t.element_size()
+
+
+def _matches(patterns, name: str) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, child)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[str]):
+    """(action, spec or None, reason) for one layer, without doing any work."""
+    weight = module.weight
+    if _matches(recipe.keep, name):
+        return KEPT, None, "recipe keeps it in high precision"
+    if spec.keep_final_projection and _matches(recipe.final_projection, name):
+        return KEPT, None, "final projection kept at <= 4 bits"
+    if exclude and re.search(exclude, name):
+        return KEPT, None, "matched the exclude pattern"
+    if weight.nelement() < recipe.min_params:
+        return KEPT, None, f"tiny layer (< {recipe.min_params} weights)"
+    problem = adapter.supports_shape(spec, weight.shape)
+    if problem is None:
+        return QUANTIZED, spec, ""
+    if spec.fallback:
+        fb = adapter.formats[spec.fallback]
+        if adapter.supports_shape(fb, weight.shape) is None:
+            return FALLBACK, fb, problem
+    return KEPT, None, problem
+
+
+def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: str,
+                  exclude: Optional[str] = None, run_device="cpu", work_device="cpu",
+                  weight_of: Optional[Callable[[str, nn.Module], torch.Tensor]] = None,
+                  layer_cls=None, progress: Optional[Progress] = None) -> QuantReport:
+    """Replaces quantizable layers of `root` (in place) and returns what was done.
+
+    run_device: where the model will compute (checked against the format's needs).
+    work_device: where the quantization math runs, one layer at a time; results are
+    stored on the device the original weight was on.
+    weight_of(name, module): the float weight to quantize (lets a host bake patches).
+    """
+    adapter, spec = get_format(format_id)
+    check_usable(adapter, spec.name, run_device)
+    if exclude:
+        try:
+            re.compile(exclude)
+        except re.error as exc:
+            raise QuantKitError(f"The exclude pattern '{exclude}' is not a valid regular "
+                                f"expression ({exc}). Example: 'attn2|proj_out'.") from None
+    report = QuantReport(target=target, format_id=format_id, recipe=recipe.name,
+                         device=str(work_device))
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
+    in_layers = {id(m) for _, m in layers}
+    for n, m in root.named_modules():
+        if id(m) not in in_layers:
+            report.other_bytes += sum(_nbytes(p) for p in m.parameters(recurse=False))
+    start = time.perf_counter()
+    for i, (name, module) in enumerate(layers):
+        action, use_spec, reason = plan_layer(name, module, adapter, spec, recipe, exclude)
+        before = _nbytes(module.weight) + _nbytes(module.bias)
+        if use_spec is None:
+            report.layers.append(LayerRecord(name, tuple(module.weight.shape), KEPT, None, reason,
+                                             before, before))
+        else:
+            new = _quantize_layer(name, module, adapter, use_spec, work_device, weight_of, layer_cls)
+            _set_child(root, name, new)
+            report.layers.append(LayerRecord(name, tuple(module.weight.shape), action, use_spec.id,
+                                             reason, before, new.stored_bytes()))
+        if progress is not None:
+            progress(i + 1, len(layers))
+    report.seconds = time.perf_counter() - start
+    log.info(report.summary())
+    return report
+
+
+def _quantize_layer(name, module, adapter, spec, work_device, weight_of, layer_cls):
+    weight = weight_of(name, module) if weight_of is not None else module.weight.detach()
+    store_device = module.weight.device
+    try:
+        parts = adapter.quantize(weight.to(work_device, torch.float32), spec)
+    except QuantKitError:
+        raise
+    except Exception as exc:
+        if _is_oom(exc):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise QuantKitError(
+                f"Ran out of memory on {work_device} while quantizing layer '{name}' "
+                f"{tuple(weight.shape)} to {spec.id}. The input model is unchanged. Quantize on "
+                f"the CPU instead (set 'quantize_on' to 'cpu'), or free memory first.") from exc
+        raise QuantKitError(f"Quantizing layer '{name}' {tuple(weight.shape)} to {spec.id} "
+                            f"failed: {type(exc).__name__}: {exc}") from exc
+    parts = {k: v.to(store_device) for k, v in parts.items()}
+    bias = module.bias.detach() if module.bias is not None else None
+    new = make_quantized(module, adapter, spec, parts, bias, layer_cls)
+    log.debug("%s -> %s (%d bytes)", name, spec.id, parts_nbytes(parts))
+    return new

@@ -1,0 +1,53 @@
+"""Per-family recipes as data: which layers stay in high precision.
+
+Patterns are regular expressions matched (re.search) against module names relative to
+the quantized root (the diffusion model, or one text encoder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    keep: Tuple[str, ...] = ()  # always high precision: embeddings, first/last layers
+    final_projection: Tuple[str, ...] = ()  # also kept when the format is 4-bit or less
+    min_params: int = 16384  # smaller layers are kept: saving nothing, costing accuracy
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.min_params < 0:
+            raise ValueError("min_params must be >= 0")
+
+
+_UNET_KEEP = (r"^input_blocks\.0\.0$", r"^out\.", r"^time_embed\.", r"^label_emb\.")
+_DIT_KEEP = (r"^x_embedder\.", r"^t_embedder\.", r"^y_embedder\.mlp\.", r"^t_block\.",
+             r"^pos_embed", r"^final_layer\.adaLN_modulation\.", r"^ar_embedder\.",
+             r"^csize_embedder\.")
+
+RECIPES: Dict[str, Recipe] = {
+    "sd15": Recipe("sd15", keep=_UNET_KEEP, final_projection=(r"^out\.",),
+                   notes="SD1.5 UNet: first/last convs and timestep embedding kept."),
+    "sdxl": Recipe("sdxl", keep=_UNET_KEEP, final_projection=(r"^out\.",),
+                   notes="SDXL UNet: first/last convs, timestep and label embeddings kept."),
+    "sd3": Recipe("sd3", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",),
+                  notes="SD3 MMDiT: patch/timestep/pooled embedders and final layer kept."),
+    "pixart": Recipe("pixart", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",),
+                     notes="PixArt: patch/timestep embedders and final layer kept."),
+    "generic": Recipe("generic", final_projection=(r"(^|\.)(final_layer|proj_out|out)(\.|$)",),
+                      notes="Unknown family: only tiny layers kept."),
+    # Text encoders (names relative to the encoder module inside ComfyUI's CLIP wrapper).
+    "clip_l": Recipe("clip_l", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
+    "clip_g": Recipe("clip_g", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
+    "t5xxl": Recipe("t5xxl", keep=(r"(^|\.)shared$", r"relative_attention_bias"),
+                    final_projection=(r"(^|\.)final_layer_norm$",)),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"Unknown recipe '{name}'. Known: {', '.join(RECIPES)}.") from None

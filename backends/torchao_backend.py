@@ -1,0 +1,145 @@
+"""torchao formats: int8/fp8 weight-only, dynamic int8 (W8A8) and fp8 row-wise, int4 tinygemm.
+
+Quantization parameters come from torchao's affine-quantization primitives; the matrix
+products use the kernels torchao dispatches to (torch._int_mm, torch._scaled_mm,
+tinygemm int4), called on plain tensors so that stored bytes stay honest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import BackendAdapter, FormatSpec
+from .errors import FormatUnsupported
+from .registry import register
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT4_GROUP = 128
+
+
+def _fmt(name, bits, desc, **kw):
+    return FormatSpec(backend="torchao", name=name, bits_per_weight=bits, description=desc, **kw)
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+@register
+class TorchAOAdapter(BackendAdapter):
+    name = "torchao"
+    package = "torchao"
+    pip_requirement = "torchao>=0.10.0"
+    formats = {
+        "int8wo": _fmt("int8wo", 8.0, "int8 weights, per-channel scale; computes in bf16/fp16"),
+        "int8dq": _fmt("int8dq", 8.0, "int8 weights and per-token int8 activations (W8A8), "
+                                      "int8 matrix products"),
+        "fp8wo": _fmt("fp8wo", 8.0, "float8 e4m3 weights, per-channel scale; computes in bf16"),
+        "fp8dq": _fmt("fp8dq", 8.0, "float8 weights and row-wise float8 activations "
+                                    "(torch._scaled_mm)", needs_cuda=True,
+                      min_compute_capability=(8, 9), conv_ok=False),
+        "int4wo": _fmt("int4wo", 4.25, "int4 weights, groups of 128 with scale and zero "
+                                       "(tinygemm kernel)", needs_cuda=True,
+                       min_compute_capability=(8, 0), block_size=INT4_GROUP, conv_ok=False,
+                       keep_final_projection=True),
+    }
+
+    # -- quantize -------------------------------------------------------------------
+    def quantize(self, weight, spec):
+        w = _flat(weight.float())
+        if spec.name in ("int8wo", "int8dq"):
+            return self._quantize_int8(w)
+        if spec.name in ("fp8wo", "fp8dq"):
+            scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+            return {"weight": (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), "scale": scale}
+        if spec.name == "int4wo":
+            return self._quantize_int4(w)
+        raise FormatUnsupported(f"torchao: unhandled format {spec.name}")
+
+    @staticmethod
+    def _quantize_int8(w):
+        from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
+                                                           quantize_affine)
+        block = (1, w.shape[1])
+        scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8,
+                                            quant_min=-127, quant_max=127, eps=1e-12,
+                                            scale_dtype=torch.float32)
+        q = quantize_affine(w, block, scale, zero, torch.int8, quant_min=-127, quant_max=127)
+        return {"weight": q.contiguous(), "scale": scale.reshape(-1).float()}
+
+    @staticmethod
+    def _quantize_int4(w):
+        if w.device.type != "cuda":
+            raise FormatUnsupported("torchao:int4wo packs weights for the GPU's tinygemm kernel "
+                                    "and must be quantized on a CUDA device.")
+        from torchao.quantization.utils import groupwise_affine_quantize_tensor
+        w = w.to(torch.bfloat16)
+        int_data, scales_and_zeros = groupwise_affine_quantize_tensor(w, 4, INT4_GROUP, torch.bfloat16)
+        int_data = int_data.to(torch.uint8)
+        packed_u8 = (int_data[:, ::2] << 4 | int_data[:, 1::2]).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        return {"weight": packed, "scales_and_zeros": scales_and_zeros.contiguous()}
+
+    # -- dequantize -----------------------------------------------------------------
+    def dequantize(self, parts, spec, shape, dtype):
+        if spec.name == "int4wo":
+            k = int(shape[1])
+            eye = torch.eye(k, device=parts["weight"].device, dtype=torch.bfloat16)
+            wt = torch.ops.aten._weight_int4pack_mm(eye, parts["weight"], INT4_GROUP,
+                                                    parts["scales_and_zeros"])
+            return wt.t().to(dtype).reshape(shape)
+        w = parts["weight"].to(dtype) * parts["scale"].to(dtype)[:, None]
+        return w.reshape(shape)
+
+    # -- compute --------------------------------------------------------------------
+    def linear(self, x, parts, spec, shape, bias):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if spec.name == "int8wo":
+            y = self._int8_weight_only(x2, parts)
+        elif spec.name == "int8dq" and self._int_mm_ok(x2, parts["weight"]):
+            y = self._int8_dynamic(x2, parts)
+        elif spec.name == "fp8dq" and self._scaled_mm_ok(x2, parts["weight"]):
+            y = self._fp8_rowwise(x2, parts)
+        elif spec.name == "int4wo" and x2.is_cuda:
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(xb, parts["weight"], INT4_GROUP,
+                                                   parts["scales_and_zeros"]).to(x.dtype)
+        else:
+            return F.linear(x, self.dequantize(parts, spec, shape, x.dtype), bias)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def _int8_weight_only(x2, parts):
+        w, scale = parts["weight"], parts["scale"].to(x2.dtype)
+        if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return torch._weight_int8pack_mm(x2.contiguous(), w, scale)
+        return torch.mm(x2, w.t().to(x2.dtype)) * scale
+
+    @staticmethod
+    def _int_mm_ok(x2, w):
+        if x2.device.type == "cuda":
+            return x2.shape[0] > 16 and x2.shape[1] % 8 == 0 and w.shape[0] % 8 == 0
+        return True
+
+    @staticmethod
+    def _int8_dynamic(x2, parts):
+        xs = (x2.abs().amax(dim=1, keepdim=True).float() / 127.0).clamp(min=1e-12)
+        xq = (x2.float() / xs).round().clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, parts["weight"].t())
+        return (acc.float() * xs * parts["scale"][None, :]).to(x2.dtype)
+
+    @staticmethod
+    def _scaled_mm_ok(x2, w):
+        return x2.is_cuda and x2.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
+
+    @staticmethod
+    def _fp8_rowwise(x2, parts):
+        xs = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        y = torch._scaled_mm(xq, parts["weight"].t(), scale_a=xs,
+                             scale_b=parts["scale"].float()[None, :], out_dtype=torch.bfloat16)
+        return y.to(x2.dtype)

@@ -1,0 +1,21 @@
+"""ComfyUI nodes of the pack. The only package that imports `comfy`."""
+from .load_gguf import LoadGGUF
+from .memory_report import MemoryReport
+from .quantize_model import QuantizeModel
+from .quantize_text_encoder import QuantizeTextEncoder
+
+PREFIX = "QuantKit"
+
+NODE_CLASS_MAPPINGS = {
+    f"{PREFIX}QuantizeModel": QuantizeModel,
+    f"{PREFIX}QuantizeTextEncoder": QuantizeTextEncoder,
+    f"{PREFIX}LoadGGUF": LoadGGUF,
+    f"{PREFIX}MemoryReport": MemoryReport,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    f"{PREFIX}QuantizeModel": "Quantize Model",
+    f"{PREFIX}QuantizeTextEncoder": "Quantize Text Encoder",
+    f"{PREFIX}LoadGGUF": "Load GGUF Model",
+    f"{PREFIX}MemoryReport": "Memory Report",
+}

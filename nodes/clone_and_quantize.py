@@ -1,0 +1,82 @@
+"""Shared by Quantize Model and Quantize Text Encoder: clone a patcher's model (sharing
+weight storage), quantize chosen subtrees of the clone, and wrap it in a new patcher.
+The source patcher, its model and ComfyUI's cache of them are never modified."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+
+from ..backends.clone import clone_tree
+from ..backends.errors import QuantKitError
+from ..backends.quantize import QUANTIZABLE, quantize_tree
+from ..backends.recipes import get_recipe
+from .comfy_layers import LAYER_CLASSES, adopt_patcher, reset_loaded_state
+
+QUANTIZE_ON = ["auto", "cpu", "gpu"]
+
+
+def work_device(choice: str) -> torch.device:
+    gpu = comfy.model_management.get_torch_device()
+    if choice == "cpu" or (choice == "auto" and gpu.type == "cpu"):
+        return torch.device("cpu")
+    if gpu.type == "cpu":
+        raise QuantKitError("'quantize_on' is 'gpu' but ComfyUI runs on the CPU here. "
+                            "Choose 'auto' or 'cpu'.")
+    return gpu
+
+
+def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on: str):
+    """targets: list of (subtree attribute path in source.model, recipe name, label).
+    Returns (new patcher, list of QuantReport)."""
+    device = work_device(quantize_on)
+    root = source.model
+    backup = source.backup
+
+    def original(name, data):
+        bk = backup.get(name)
+        return bk.weight if bk is not None else data
+
+    new_root = clone_tree(root, weight_source=original,
+                          share=[getattr(root, "current_patcher", None)])
+    baked = set()
+    total = sum(sum(isinstance(m, QUANTIZABLE) for m in _subtree(new_root, path).modules())
+                for path, _, _ in targets)
+    bar = comfy.utils.ProgressBar(max(total, 1))
+    done = [0]
+    reports = []
+    for path, recipe_name, label in targets:
+        prefix = f"{path}." if path else ""
+
+        def weight_of(name, module, prefix=prefix):
+            key = f"{prefix}{name}.weight"
+            w = module.weight.detach()
+            if key in source.patches:
+                w = comfy.lora.calculate_weight(source.patches[key], w.to(device, torch.float32,
+                                                copy=True), key)
+                baked.add(key)
+            return w
+
+        def progress(i, n, base=done[0]):
+            bar.update_absolute(base + i, total)
+
+        report = quantize_tree(_subtree(new_root, path), format_id, get_recipe(recipe_name),
+                               target=label, exclude=exclude or None,
+                               run_device=source.load_device, work_device=device,
+                               weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress)
+        done[0] += sum(1 for _ in report.layers)
+        reports.append(report)
+    reset_loaded_state(new_root, source.offload_device)
+    new_root.to(source.offload_device)
+    new_root.quantkit_reports = list(getattr(root, "quantkit_reports", [])) + [r.to_dict() for r in reports]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return adopt_patcher(source, new_root, baked), reports
+
+
+def _subtree(root, path):
+    return root.get_submodule(path) if path else root

@@ -1,0 +1,62 @@
+"""Quantize Model: MODEL in, a new quantized MODEL out."""
+from __future__ import annotations
+
+from ..backends.registry import all_format_ids
+from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
+
+DIFFUSION_RECIPES = ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]
+DEFAULT_FORMAT = "torchao:int8wo"
+
+# ComfyUI's model config class -> our recipe
+FAMILY_BY_CONFIG = {
+    "SD15": "sd15", "SD20": "sd15", "SD21UnclipL": "sd15", "SD21UnclipH": "sd15",
+    "SDXL": "sdxl", "SDXLRefiner": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+    "SD3": "sd3", "PixArtAlpha": "pixart", "PixArtSigma": "pixart",
+}
+
+
+def detect_family(model) -> str:
+    return FAMILY_BY_CONFIG.get(type(model.model.model_config).__name__, "generic")
+
+
+class QuantizeModel:
+    DESCRIPTION = ("Quantizes the diffusion model's Linear and Conv layers into a smaller "
+                   "format. The input MODEL is not changed; the output is a new MODEL.")
+    CATEGORY = "QuantKit"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The quantized model. Use it wherever a MODEL goes (KSampler, LoRA, compile).",)
+    FUNCTION = "quantize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to quantize (left unchanged)."}),
+                "format": (all_format_ids(), {
+                    "default": DEFAULT_FORMAT,
+                    "tooltip": "backend:format. 8-bit formats keep quality close to bf16 at half "
+                               "the size; 4-bit formats save more and lose more. Formats marked "
+                               "CUDA in the README need an NVIDIA GPU."}),
+                "recipe": (DIFFUSION_RECIPES, {
+                    "default": "auto",
+                    "tooltip": "Which layers stay in high precision (embeddings, first/last "
+                               "layers). 'auto' picks the recipe of the model's family."}),
+            },
+            "optional": {
+                "exclude": ("STRING", {
+                    "default": "", "multiline": False,
+                    "tooltip": "Regular expression of layer names to keep unquantized, "
+                               "e.g. 'attn2|proj_out'. Empty: none."}),
+                "quantize_on": (QUANTIZE_ON, {
+                    "default": "auto",
+                    "tooltip": "Where the quantization math runs, one layer at a time. 'cpu' "
+                               "uses no GPU memory (slower); 'auto' uses the GPU when there is one."}),
+            },
+        }
+
+    def quantize(self, model, format, recipe, exclude="", quantize_on="auto"):
+        family = detect_family(model) if recipe == "auto" else recipe
+        new_model, reports = quantize_patcher(model, [("diffusion_model", family, "diffusion model")],
+                                              format, exclude, quantize_on)
+        text = "\n".join(r.summary() for r in reports)
+        return {"ui": {"text": (text,)}, "result": (new_model,)}

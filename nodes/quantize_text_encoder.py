@@ -1,0 +1,81 @@
+"""Quantize Text Encoder: CLIP in (one or several encoders), a new quantized CLIP out."""
+from __future__ import annotations
+
+from ..backends.errors import QuantKitError
+from ..backends.registry import all_format_ids
+from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
+
+KNOWN_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+ENCODER_CHOICES = ["auto", "all", "t5xxl", "clip_l", "clip_g", "clip_l+t5xxl",
+                   "clip_l+clip_g", "clip_g+t5xxl"]
+DEFAULT_FORMAT = "torchao:int8wo"
+
+
+def present_encoders(clip):
+    model = clip.cond_stage_model
+    found = [name for name in KNOWN_ENCODERS if getattr(model, name, None) is not None]
+    if not found:
+        raise QuantKitError(
+            f"This CLIP ({type(model).__name__}) holds no encoder Quantize Text Encoder knows "
+            f"(it looks for {', '.join(KNOWN_ENCODERS)}). Supported: SD1.5, SDXL, SD3 and "
+            f"PixArt text encoders.")
+    return found
+
+
+def choose_encoders(clip, choice: str):
+    found = present_encoders(clip)
+    if choice == "all":
+        return found
+    if choice == "auto":
+        # CLIP-G loses much more than the others when quantized: keep it unless asked.
+        chosen = [e for e in found if e != "clip_g"]
+        if not chosen:
+            raise QuantKitError("This CLIP holds only CLIP-G, which 'auto' keeps in high "
+                                "precision (it quantizes badly). Choose 'clip_g' to quantize it anyway.")
+        return chosen
+    wanted = choice.split("+")
+    missing = [e for e in wanted if e not in found]
+    if missing:
+        raise QuantKitError(f"Asked to quantize {', '.join(missing)}, but this CLIP holds only "
+                            f"{', '.join(found)}. Pick one of those, or 'auto'.")
+    return wanted
+
+
+class QuantizeTextEncoder:
+    DESCRIPTION = ("Quantizes the text encoders inside a CLIP (CLIP-L, CLIP-G, T5-XXL). The "
+                   "input CLIP is not changed; tokenizers are untouched.")
+    CATEGORY = "QuantKit"
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("The CLIP with quantized encoders; use it with any CLIP Text Encode node.",)
+    FUNCTION = "quantize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "Text encoders from any CLIP loader (left unchanged)."}),
+                "format": (all_format_ids(), {
+                    "default": DEFAULT_FORMAT,
+                    "tooltip": "backend:format used for the chosen encoders. T5-XXL is most of "
+                               "the memory of SD3 and PixArt: 8-bit halves it."}),
+                "encoders": (ENCODER_CHOICES, {
+                    "default": "auto",
+                    "tooltip": "Which encoders to quantize. 'auto': all but CLIP-G, which "
+                               "quantizes badly. Asking for one the CLIP lacks is an error."}),
+            },
+            "optional": {
+                "quantize_on": (QUANTIZE_ON, {
+                    "default": "auto",
+                    "tooltip": "Where the quantization math runs. 'cpu' uses no GPU memory."}),
+            },
+        }
+
+    def quantize(self, clip, format, encoders, quantize_on="auto"):
+        chosen = choose_encoders(clip, encoders)
+        targets = [(name, name, name) for name in chosen]
+        new_patcher, reports = quantize_patcher(clip.patcher, targets, format, "", quantize_on)
+        new_clip = clip.clone()
+        new_clip.patcher = new_patcher
+        new_clip.cond_stage_model = new_patcher.model
+        text = "\n".join(r.summary() for r in reports)
+        return {"ui": {"text": (text,)}, "result": (new_clip,)}

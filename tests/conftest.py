@@ -1,0 +1,35 @@
+"""Test configuration: the pack is made importable the way ComfyUI loads it, and real
+ComfyUI is available in-process (session fixture `comfy`) and as a server (`server`)."""
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `harness` package
+
+from harness.comfy_inprocess import (make_base_dir, pack_module_name,  # noqa: E402
+                                     register_bare_pack, start_comfyui)
+
+BASE_DIR = make_base_dir(Path(tempfile.mkdtemp(prefix="quantkit-comfy-")))
+PACK = pack_module_name(BASE_DIR)
+register_bare_pack(PACK)
+
+
+def pack_module(sub: str):
+    """A module of the pack, as ComfyUI loaded it (e.g. 'nodes.comfy_layers')."""
+    return importlib.import_module(f"{PACK}.{sub}")
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's `nodes` module with the pack loaded (fails, never skips, without ComfyUI)."""
+    return start_comfyui(BASE_DIR)
+
+
+@pytest.fixture(scope="session")
+def base_dir():
+    return BASE_DIR

@@ -1,0 +1,71 @@
+"""ComfyUI imported into the test process, its node registry initialised with the pack
+loaded from a custom_nodes folder exactly as ComfyUI loads packs."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+import types
+from pathlib import Path
+
+from .locations import REPO_ROOT, comfyui_path
+
+PACK_LINK_NAME = "ComfyUI-QuantKit-under-test"  # not the repo's folder name, on purpose
+
+
+def pack_module_name(base_dir: Path) -> str:
+    # ComfyUI names a pack module after its path (nodes.load_custom_node)
+    return str(base_dir / "custom_nodes" / PACK_LINK_NAME).replace(".", "_x_")
+
+
+def make_base_dir(base_dir: Path) -> Path:
+    """A ComfyUI --base-directory holding only our pack (no other custom nodes)."""
+    custom = base_dir / "custom_nodes"
+    custom.mkdir(parents=True, exist_ok=True)
+    link = custom / PACK_LINK_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    for sub in ("input", "output", "temp", "user", "models"):
+        (base_dir / sub).mkdir(exist_ok=True)
+    return base_dir
+
+
+def register_bare_pack(name: str, alias: str = "quantkit") -> None:
+    """Make the pack's backends importable (as `name.backends.*` and `alias.backends.*`,
+    the same module objects) without running its __init__ (which needs ComfyUI)."""
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(REPO_ROOT)]
+        pkg.__file__ = str(REPO_ROOT / "__init__.py")
+        sys.modules[name] = pkg
+    sys.modules.setdefault(alias, sys.modules[name])
+    for path in sorted((REPO_ROOT / "backends").glob("*.py")):
+        sub = "backends" if path.stem == "__init__" else f"backends.{path.stem}"
+        module = importlib.import_module(f"{name}.{sub}")
+        sys.modules[f"{alias}.{sub}"] = module
+
+
+def start_comfyui(base_dir: Path, extra_args=()):
+    """Import ComfyUI with --cpu and our base directory; load built-in and our nodes.
+    Returns ComfyUI's `nodes` module."""
+    root = comfyui_path()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    saved_argv = sys.argv
+    sys.argv = ["main.py", "--cpu", "--base-directory", str(base_dir), *extra_args]
+    try:
+        import comfy.cli_args  # noqa: F401  (parses argv once)
+        import folder_paths  # noqa: F401
+        import nodes
+    finally:
+        sys.argv = saved_argv
+    logging.getLogger().setLevel(logging.INFO)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    link = base_dir / "custom_nodes" / PACK_LINK_NAME
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise RuntimeError("ComfyUI failed to import the QuantKit pack; see the log above.")
+    return nodes

@@ -1,0 +1,63 @@
+"""Small real ComfyUI models built in memory (no files): ComfyUI's own model classes from
+its own configs, filled with deterministic random weights, loaded through its own loader."""
+from __future__ import annotations
+
+import torch
+
+SD3_TINY_DEPTH = 4  # hidden 256: wide enough for GGUF K-quant blocks
+
+
+def heavy_tailed(shape, seed: int, std: float = 0.02) -> torch.Tensor:
+    """Student-t (3 degrees of freedom) scaled to `std`: outliers like trained weights."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(shape, generator=g)
+    chi2 = torch.randn((3, *shape), generator=g).pow(2).sum(0)
+    t = normal / torch.sqrt(chi2 / 3)
+    return t * (std / (3 ** 0.5))  # a t(3) variable has variance 3
+
+
+def fill_state_dict(meta_sd: dict, seed: int, heavy: bool = True, dtype=torch.float16) -> dict:
+    out = {}
+    for i, (key, t) in enumerate(sorted(meta_sd.items())):
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            value = torch.zeros(t.shape)
+        elif t.dim() <= 1:
+            value = torch.ones(t.shape)
+        elif heavy:
+            value = heavy_tailed(tuple(t.shape), seed + i)
+        else:
+            g = torch.Generator().manual_seed(seed + i)
+            value = torch.randn(tuple(t.shape), generator=g) * 0.02
+        out[key] = value.to(dtype)
+    return out
+
+
+def tiny_sd3_state_dict(seed: int = 7, heavy: bool = True) -> dict:
+    from standins import components as c  # the stand-in builder knows ComfyUI's key names
+    meta = c.diffusion_model_file("SD3", c.sd3_unet(SD3_TINY_DEPTH))
+    return fill_state_dict(meta, seed, heavy)
+
+
+def tiny_sd3_patcher(seed: int = 7, heavy: bool = True):
+    import comfy.sd
+    return comfy.sd.load_diffusion_model_state_dict(tiny_sd3_state_dict(seed, heavy))
+
+
+def sd3_inputs(batch: int = 2, size: int = 16, tokens: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(batch, 16, size, size, generator=g),
+        t=torch.full((batch,), 0.5),
+        c_crossattn=torch.randn(batch, tokens, 4096, generator=g),
+        y=torch.randn(batch, 2048, generator=g),
+    )
+
+
+def denoise(patcher, inputs: dict) -> torch.Tensor:
+    """One denoiser call through ComfyUI's loading (patches applied) on its device."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher])
+    with torch.inference_mode():
+        return patcher.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"],
+                                         y=inputs["y"]).float().clone()

@@ -1,0 +1,153 @@
+"""Writes the bundled graph-editor workflows (workflows/*.json) from compact graph specs,
+laying widget values out the way the frontend does (using ComfyUI's node definitions).
+
+    python -m harness.workflow_builder   (from tests/, with ComfyUI importable)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .locations import REPO_ROOT
+from .workflow_api import _is_widget
+
+# Each graph: node id -> (class_type, {input: value or ("@", node_id, output_slot)}, title)
+PROMPT_POS = "a lighthouse on a cliff at sunset, detailed oil painting"
+PROMPT_NEG = "blurry, low quality, watermark, text, jpeg artifacts"
+
+
+def _sampler(model, pos, neg, latent, steps, cfg, sampler="euler", scheduler="normal"):
+    return ("KSampler", {"model": model, "positive": pos, "negative": neg, "latent_image": latent,
+                         "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                         "scheduler": scheduler, "denoise": 1.0}, None)
+
+
+def _report(model, clip, image, label):
+    return ("QuantKitMemoryReport", {"model": model, "clip": clip, "image": image,
+                                     "label": label, "reset_peak": False}, None)
+
+
+def _quant_model(model, fmt, recipe="auto"):
+    return ("QuantKitQuantizeModel", {"model": model, "format": fmt, "recipe": recipe,
+                                      "exclude": "", "quantize_on": "auto"}, None)
+
+
+def _quant_clip(clip, fmt, encoders="auto"):
+    return ("QuantKitQuantizeTextEncoder", {"clip": clip, "format": fmt, "encoders": encoders,
+                                            "quantize_on": "auto"}, None)
+
+
+def L(node, slot=0):
+    return ("@", node, slot)
+
+
+def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label, encode="CLIPTextEncode"):
+    return {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": ckpt}, None),
+        2: _quant_model(L(1, 0), model_fmt),
+        3: _quant_clip(L(1, 1), clip_fmt),
+        4: (encode, {"clip": L(3), "text": PROMPT_POS}, "Positive"),
+        5: (encode, {"clip": L(3), "text": PROMPT_NEG}, "Negative"),
+        6: ("EmptyLatentImage", {"width": width, "height": height, "batch_size": 1}, None),
+        7: _sampler(L(2), L(4), L(5), L(6), steps, cfg),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(1, 2)}, None),
+        9: _report(L(2), L(3), L(8), label),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": f"QuantKit_{label}"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": f"QuantKit_{label}_memory"}, "Memory chart"),
+    }
+
+
+GRAPHS = {
+    "sd15_quantized.json": checkpoint_graph("qk_sd15.safetensors", 512, 512, 20, 7.0,
+                                            "torchao:int8wo", "torchao:int8wo", "sd15"),
+    "sdxl_quantized.json": checkpoint_graph("qk_sdxl.safetensors", 1024, 1024, 20, 6.0,
+                                            "torchao:int8wo", "torchao:int8wo", "sdxl"),
+    "sd3_quantized.json": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd3_d2.safetensors"}, None),
+        12: ("TripleCLIPLoader", {"clip_name1": "qk_clip_l.safetensors", "clip_name2": "qk_clip_g.safetensors",
+                                  "clip_name3": "qk_t5xxl_fp8.safetensors"}, None),
+        2: _quant_model(L(1, 0), "torchao:int8wo"),
+        3: _quant_clip(L(12), "torchao:int8wo", "auto"),
+        4: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_POS}, "Positive"),
+        5: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_NEG}, "Negative"),
+        6: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None),
+        7: _sampler(L(2), L(4), L(5), L(6), 28, 4.5, "dpmpp_2m", "sgm_uniform"),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(1, 2)}, None),
+        9: _report(L(2), L(3), L(8), "sd3"),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_sd3"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_sd3_memory"}, "Memory chart"),
+    },
+    "pixart_quantized.json": {
+        1: ("UNETLoader", {"unet_name": "qk_pixart_sigma_d2.safetensors", "weight_dtype": "default"}, None),
+        12: ("CLIPLoader", {"clip_name": "qk_t5xxl_fp8.safetensors", "type": "pixart", "device": "default"}, None),
+        13: ("VAELoader", {"vae_name": "qk_sdxl_vae.safetensors"}, None),
+        2: _quant_model(L(1), "torchao:int8wo"),
+        3: _quant_clip(L(12), "torchao:int8wo", "t5xxl"),
+        4: ("CLIPTextEncodePixArtAlpha", {"clip": L(3), "text": PROMPT_POS, "width": 1024, "height": 1024}, "Positive"),
+        5: ("CLIPTextEncodePixArtAlpha", {"clip": L(3), "text": PROMPT_NEG, "width": 1024, "height": 1024}, "Negative"),
+        6: ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None),
+        7: _sampler(L(2), L(4), L(5), L(6), 20, 4.5),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(13)}, None),
+        9: _report(L(2), L(3), L(8), "pixart"),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_pixart"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_pixart_memory"}, "Memory chart"),
+    },
+}
+
+
+def build(graph: dict, object_info: dict) -> dict:
+    nodes, links = [], []
+    outputs_links = {}
+    order = list(graph)
+    for index, node_id in enumerate(order):
+        kind, values, title = graph[node_id]
+        info = object_info[kind]
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        names = info.get("input_order", {}).get("required", []) + info.get("input_order", {}).get("optional", [])
+        inputs, widgets = [], []
+        for name in names:
+            spec = specs[name]
+            value = values.get(name)
+            is_link = isinstance(value, tuple) and value[0] == "@"
+            if _is_widget(spec):
+                if is_link:
+                    raise ValueError(f"{kind}.{name}: linking widget inputs is not supported here")
+                if value is None:
+                    value = spec[1].get("default") if len(spec) > 1 else None
+                widgets.append(value)
+                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                    widgets.append("fixed")
+                continue
+            entry = {"name": name, "type": spec[0], "link": None}
+            if is_link:
+                link_id = len(links) + 1
+                src, slot = value[1], value[2]
+                src_type = object_info[graph[src][0]]["output"][slot]
+                links.append([link_id, src, slot, node_id, len(inputs), src_type])
+                outputs_links.setdefault((src, slot), []).append(link_id)
+                entry["link"] = link_id
+            elif name in info["input"].get("required", {}):
+                raise ValueError(f"{kind}: required input '{name}' is not connected")
+            inputs.append(entry)
+        node = {"id": node_id, "type": kind, "pos": [60 + 340 * (index % 4), 80 + 360 * (index // 4)],
+                "size": [320, 200], "flags": {}, "order": index, "mode": 0, "inputs": inputs,
+                "outputs": [], "properties": {"Node name for S&R": kind}, "widgets_values": widgets}
+        if title:
+            node["title"] = title
+        nodes.append(node)
+    for node in nodes:
+        info = object_info[node["type"]]
+        for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
+            node["outputs"].append({"name": oname, "type": otype, "slot_index": slot,
+                                    "links": outputs_links.get((node["id"], slot), [])})
+    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"quantkit": "bundled workflow"}, "version": 0.4}
+
+
+def write_all(object_info: dict, out_dir: Path = REPO_ROOT / "workflows") -> list:
+    written = []
+    for name, graph in GRAPHS.items():
+        path = out_dir / name
+        path.write_text(json.dumps(build(graph, object_info), indent=1) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,1 @@
+"""Random-weight stand-ins for real model files (see build.py)."""
