@@ -6,19 +6,17 @@ parts are the plain tensors of a bnb `QuantState`, rebuilt per call for bnb.matm
 
 int8 (LLM.int8): int8 weights with one absmax per output row. At matmul time the
 activations are quantized per row to int8, except the input columns holding a value
-with |x| >= 6.0: those columns are multiplied in the activation's precision against the
+with |x| >= 6.0: those columns are multiplied in the activation's dtype against the
 dequantized weight columns and added to the int8 product (bnb's mixed decomposition).
-This runs on plain tensors on CPU and CUDA alike.
+bnb runs this on plain tensors on CPU and CUDA alike (on CPU the int8 product uses
+torch._int_mm with AVX-512, else a float32 matmul).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from math import prod
 
 import torch
-import torch.nn.functional as F
 
 from .base import BackendAdapter, FormatSpec, require_format
 from .errors import BackendUnavailable, FormatUnsupported, MalformedFile, UnknownFormat
@@ -47,14 +45,23 @@ def _four_bit(name, quant_type, double_quant, desc):
                      keep_final_projection=True, quant_type=quant_type, double_quant=double_quant)
 
 
-@lru_cache(maxsize=None)
+_CODES: dict = {}
+
+
 def _code(kind: str, device: str) -> torch.Tensor:
     """The lookup tables bnb derives from constants (never stored with the weight)."""
+    code = _CODES.get((kind, device))
+    return _make_code(kind, device) if code is None else code
+
+
+@torch.compiler.disable  # bnb builds the tables with .tolist(); once cached, a compiled forward reads them
+def _make_code(kind: str, device: str) -> torch.Tensor:
     import bitsandbytes.functional as bf
 
-    if kind == "dynamic":
-        return bf.create_dynamic_map(signed=True).to(device)
-    return bf.get_4bit_type(kind, device=device)
+    code = (bf.create_dynamic_map(signed=True).to(device) if kind == "dynamic"
+            else bf.get_4bit_type(kind, device=device))
+    _CODES[(kind, device)] = code
+    return code
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,10 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _matrix_shape(shape) -> tuple:
-    return int(shape[0]), prod(int(d) for d in shape[1:])
+    width = 1
+    for d in shape[1:]:  # a loop, not prod(genexpr): torch.compile traces this
+        width *= int(d)
+    return int(shape[0]), width
 
 
 @register
@@ -87,8 +97,8 @@ class BitsAndBytesAdapter(BackendAdapter):
                                                    "per-64 scales"),
         # 8 bits plus one fp32 absmax per output row (32 / width more, < 0.05 for width >= 640)
         "int8": BnbFormat(backend="bnb", name="int8", bits_per_weight=8.0, quant_type="int8",
-                          description="LLM.int8: int8 weights per row; activation columns with "
-                                      "values >= 6.0 are multiplied in 16-bit",
+                          description="LLM.int8: int8 weights per row, int8 activations; input "
+                                      "columns with values >= 6.0 stay in 16-bit",
                           min_compute_capability=(7, 5)),
     }
 
@@ -134,7 +144,8 @@ class BitsAndBytesAdapter(BackendAdapter):
         if spec.double_quant:
             needed += ["nested_absmax", "offset"]
         missing = [k for k in needed if k not in parts]
-        n = prod(_matrix_shape(shape))
+        rows, width = _matrix_shape(shape)
+        n = rows * width
         expected = n if spec.quant_type == "int8" else (n + 1) // 2
         if missing or parts["weight"].numel() != expected:
             raise MalformedFile(
@@ -143,14 +154,14 @@ class BitsAndBytesAdapter(BackendAdapter):
                 f"values, expected {expected}). The file is damaged or was written for another "
                 f"layer; quantize the model again.")
 
-    def _quant_state(self, bf, parts, spec: BnbFormat, shape, dtype):
+    def _quant_state(self, bf, parts, spec: BnbFormat, qshape, dtype):
         device = str(parts["weight"].device)
         state2 = offset = None
         if spec.double_quant:
             state2 = bf.QuantState(absmax=parts["nested_absmax"], code=_code("dynamic", device),
                                    blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
             offset = parts["offset"]
-        return bf.QuantState(absmax=parts["absmax"], shape=torch.Size(_matrix_shape(shape)),
+        return bf.QuantState(absmax=parts["absmax"], shape=torch.Size(qshape),
                              code=_code(spec.quant_type, device), blocksize=spec.blocksize,
                              quant_type=spec.quant_type, dtype=dtype, offset=offset, state2=state2)
 
@@ -162,7 +173,10 @@ class BitsAndBytesAdapter(BackendAdapter):
         if spec.quant_type == "int8":
             w = bf.int8_vectorwise_dequant(parts["weight"], parts["row_absmax"])
         else:
-            state = self._quant_state(bf, parts, spec, shape, work)
+            # Flat: bnb 0.50's CPU kernel misplaces the scales of a matrix whose rows are not
+            # a whole number of blocks (e.g. 64 x 288); the blocks run over the flat weight anyway.
+            rows, width = _matrix_shape(shape)
+            state = self._quant_state(bf, parts, spec, (rows * width,), work)
             w = bf.dequantize_4bit(parts["weight"], state)
         return w.reshape(shape).to(dtype)
 
@@ -178,11 +192,14 @@ class BitsAndBytesAdapter(BackendAdapter):
         if spec.quant_type == "int8":
             return self._int8_linear(x, parts, bias)
         if int(shape[1]) % spec.blocksize:
-            # bnb's fused kernels want block-aligned rows; it would warn and do this anyway
+            # bnb's matmul wants block-aligned rows (CUDA warns and dequantizes; the CPU kernel
+            # gets the scales wrong), so dequantize here
+            log.debug("%s: width %s is not a multiple of %s, dequantizing for the matmul",
+                      spec.id, shape[1], spec.blocksize)
             return super().linear(x, parts, spec, shape, bias)
         import bitsandbytes as bnb
 
-        state = self._quant_state(bf, parts, spec, shape, x.dtype)
+        state = self._quant_state(bf, parts, spec, _matrix_shape(shape), x.dtype)
         # Linear4bit passes the packed weight transposed; bnb >= 0.45 accepts that layout
         return bnb.matmul_4bit(x, parts["weight"].t(), quant_state=state, bias=bias)
 

@@ -2,10 +2,10 @@
 
 Legacy types (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) follow ggml's reference quantizers, so they
 produce the same bytes as llama.cpp / gguf-py. gguf-py has no K-quant quantizers; ours
-pick each sub-block's scale (and min) by trying a few candidate scales, keeping the
-least-squares best, then quantize those scales to the format's 4/6/8 bits and re-round
-the weights against the scales actually stored. All candidates run at once over all
-blocks: no Python loop over blocks.
+pick each sub-block's scale (and min) from a few candidate scales by least squares,
+quantize those to the format's 4/6/8-bit levels (trying both neighbouring levels), and
+round the weights against the scales actually stored. Each candidate is evaluated for
+all blocks at once: Python loops run over candidates and row chunks, never blocks.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ QUANT_TYPES: Dict[str, QuantType] = {
 # Candidate offsets added to the top quantized level when choosing a sub-block scale
 # (0 = the plain range / levels scale); ggml's reference searches a similar range.
 _SCALE_STEPS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
-_ROWS_PER_CHUNK_ELEMS = 1 << 20  # weights processed at once: bounds memory, stays in cache
+_CHUNK_WEIGHTS = 1 << 20  # weights processed at once: bounds memory, stays in cache
 
 
 # -- byte helpers ------------------------------------------------------------------------
@@ -126,7 +126,8 @@ def _fit_affine(x: torch.Tensor, nmax: int):
     best_err = torch.full_like(span, float("inf"))
     for step in _SCALE_STEPS:
         q = ((x - lo) * _safe_inv(span / (nmax + step))).round().clamp(0, nmax)
-        sq, sqq, sxq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), (x * q).sum(-1, keepdim=True)
+        sq, sqq = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
+        sxq = (x * q).sum(-1, keepdim=True)
         det = length * sqq - sq * sq
         ok = det > 0
         det = torch.where(ok, det, torch.ones_like(det))
@@ -299,7 +300,7 @@ def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
         raise FormatUnsupported(f"The weight [{rows}, {cols}] contains NaN or infinite values, "
                                 f"which GGML {qtype} cannot store. Fix or exclude this layer.")
     out = torch.empty(rows, cols // block_len * type_size, dtype=torch.uint8, device=weight.device)
-    step = max(1, _ROWS_PER_CHUNK_ELEMS // cols)
+    step = max(1, _CHUNK_WEIGHTS // cols)
     for start in range(0, rows, step):
         chunk = weight[start:start + step].float().reshape(-1, block_len)
         out[start:start + step] = encode(chunk).reshape(-1, out.shape[1])

@@ -1,0 +1,112 @@
+"""GGUF dequantization: our torch decoders equal gguf-py's independent numpy decoders
+bit for bit, on random bytes, on our quantizer's bytes and on gguf-py's own bytes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import pack_module
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize as np_dequantize  # noqa: E402
+from gguf.quants import quantize as np_quantize  # noqa: E402
+
+dq = pack_module("backends.gguf_dequant")
+gq = pack_module("backends.gguf_quantize")
+errors = pack_module("backends.errors")
+
+TYPES = list(dq.DEQUANTIZERS)
+LEGACY = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
+
+
+def reference(raw: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.from_numpy(np_dequantize(raw.numpy(), gguf.GGMLQuantizationType[name]))
+
+
+def test_tables_agree_with_gguf_py():
+    for name, (block_len, type_size) in dq.BLOCK_SIZES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block_len, type_size)
+
+
+@pytest.mark.parametrize("name", TYPES, ids=TYPES)
+def test_random_bytes_decode_like_gguf_py(name):
+    # every bit pattern, not just ones our quantizer makes; fp16 scales may be inf/nan:
+    # assert_array_equal counts nan == nan
+    block_len, type_size = dq.BLOCK_SIZES[name]
+    raw = torch.randint(0, 256, (6, 4 * type_size), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(3))
+    ours = dq.dequantize(raw, name, (6, 4 * block_len))
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(ours.numpy(), reference(raw, name).numpy())
+
+
+@pytest.mark.parametrize("name", TYPES, ids=TYPES)
+def test_our_quantizer_bytes_decode_like_gguf_py(name):
+    w = torch.randn(16, 1024, generator=torch.Generator().manual_seed(1)) * 0.02
+    raw = gq.quantize(w, name)
+    assert torch.equal(dq.dequantize(raw, name, w.shape), reference(raw, name))
+
+
+@pytest.mark.parametrize("name", LEGACY, ids=LEGACY)
+def test_gguf_py_quantizer_bytes_decode_like_gguf_py(name):
+    w = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
+    raw = np_quantize(w, gguf.GGMLQuantizationType[name])
+    ours = dq.dequantize(torch.from_numpy(raw), name, w.shape)
+    assert torch.equal(ours, reference(torch.from_numpy(raw), name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q3_K"], ids=["Q8_0", "Q4_K", "Q3_K"])
+def test_low_precision_output_is_the_float32_result_rounded(name, dtype):
+    w = torch.randn(4, 512) * 0.02
+    raw = gq.quantize(w, name)
+    assert torch.equal(dq.dequantize(raw, name, w.shape, dtype),
+                       dq.dequantize(raw, name, w.shape).to(dtype))
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"], ids=["F32", "F16", "BF16"])
+def test_float_types_pass_through(name):
+    t = torch.randn(3, 4, 5).to(dq.FLOAT_TYPES[name])
+    as_bytes = t.reshape(-1).view(torch.uint8).reshape(3, -1)
+    assert torch.equal(dq.dequantize(as_bytes, name, t.shape, t.dtype), t)
+    assert torch.equal(dq.dequantize(t, name, (12, 5), torch.float32), t.float().reshape(12, 5))
+
+
+def test_bad_inputs_raise_clear_errors():
+    raw = gq.quantize(torch.randn(2, 256), "Q4_K")
+    with pytest.raises(errors.FormatUnsupported, match="IQ2_XS"):
+        dq.dequantize(raw, "IQ2_XS", (2, 256))
+    with pytest.raises(errors.MalformedFile, match="does not match"):
+        dq.dequantize(raw, "Q4_K", (2, 512))
+    with pytest.raises(errors.MalformedFile, match="uint8"):
+        dq.dequantize(raw.float(), "Q4_K", (2, 256))
+
+
+@pytest.mark.parametrize("name", TYPES, ids=TYPES)
+def test_traces_as_one_graph(name):
+    """No graph breaks, no .item(): fullgraph compile (aot_eager: no code generation)."""
+    torch._dynamo.reset()
+    raw = gq.quantize(torch.randn(4, 512), name)
+
+    def fn(r):
+        return dq.dequantize(r, name, (4, 512), torch.float16)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(raw), fn(raw))
+
+
+@pytest.mark.gpu
+def test_cuda_and_inductor_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_tests)")
+    w = torch.randn(64, 1024) * 0.02
+    for name in TYPES:
+        raw = gq.quantize(w, name)
+        cpu = dq.dequantize(raw, name, w.shape)
+        cuda = dq.dequantize(raw.cuda(), name, w.shape)
+        assert torch.equal(cuda.cpu(), cpu), name
+        torch._dynamo.reset()
+        fn = torch.compile(lambda r: dq.dequantize(r, name, w.shape), fullgraph=True)
+        # inductor may fuse multiply-adds: allow float32 rounding, nothing more
+        torch.testing.assert_close(fn(raw.cuda()).cpu(), cpu, rtol=1e-6, atol=1e-9)

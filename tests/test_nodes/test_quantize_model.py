@@ -1,0 +1,213 @@
+"""Quantize Model through real ComfyUI (in-process): every CPU format on a tiny SD3 built
+by ComfyUI's own loader from heavy-tailed random weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.formats import OUTPUT_TOLERANCE, cpu_format_ids
+from harness.tiny_models import denoise, heavy_tailed, sd3_inputs, tiny_sd3_patcher
+
+registry = pack_module("backends.registry")
+base = pack_module("backends.base")
+errors = pack_module("backends.errors")
+modules = pack_module("backends.modules")
+
+CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def upstream(comfy):
+    patcher = tiny_sd3_patcher()
+    inputs = sd3_inputs()
+    return patcher, inputs, denoise(patcher, inputs), _snapshot(patcher)
+
+
+def _snapshot(patcher):
+    return {k: (v.data_ptr(), v.clone()) for k, v in patcher.model.state_dict().items()}
+
+
+def _assert_unchanged(patcher, snapshot):
+    import comfy.model_management as mm
+    mm.unload_all_models()  # ComfyUI patches shared weights of loaded LoRA clones in place
+    sd = patcher.model.state_dict()
+    assert set(sd) == set(snapshot)
+    for k, (ptr, value) in snapshot.items():
+        assert torch.equal(sd[k], value), f"upstream tensor {k} changed"
+    assert not any(isinstance(m, modules.QuantizedLayer) for m in patcher.model.modules())
+
+
+def quantize(comfy, model, fmt, **kw):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
+    out = node.quantize(model, fmt, kw.pop("recipe", "auto"), **kw)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def test_every_format_has_a_stated_tolerance():
+    missing = [f for f in registry.all_format_ids() if f not in OUTPUT_TOLERANCE]
+    assert not missing, f"state an output tolerance for {missing} in tests/harness/formats.py"
+
+
+@pytest.mark.parametrize("fmt", CPU_FORMATS, ids=CPU_FORMATS)
+def test_quantized_model_output_bytes_and_upstream(comfy, upstream, fmt):
+    patcher, inputs, reference, snapshot = upstream
+    quantized, text = quantize(comfy, patcher, fmt)
+    assert "layers quantized" in text
+    out = denoise(quantized, inputs)
+    err = rel(out, reference)
+    print(f"{fmt}: relative output error {err:.4f} (bound {OUTPUT_TOLERANCE[fmt]})")
+    assert torch.isfinite(out).all()
+    assert err < OUTPUT_TOLERANCE[fmt]
+    layers = [m for m in quantized.model.modules() if isinstance(m, modules.QuantizedLayer)]
+    assert len(layers) >= 30
+    for layer in layers:  # bytes as the format promises (payload + scales)
+        stored = sum(p.nelement() * p.element_size() for n, p in layer.named_parameters() if n != "bias")
+        promised = layer.weight_shape.numel() * layer.spec.bits_per_weight / 8
+        assert abs(stored - promised) <= 0.03 * promised + 64, (layer.spec.id, stored, promised)
+    # ComfyUI's memory manager sees the true size: smaller than the source by the saving.
+    saved = sum(l.weight_shape.numel() * l.source_dtype.itemsize - l.stored_bytes() + (
+        l.bias.nelement() * l.bias.element_size() if l.bias is not None else 0) for l in layers)
+    assert quantized.model_size() == pytest.approx(patcher.model_size() - saved, rel=1e-6)
+    assert quantized.model is not patcher.model
+    _assert_unchanged(patcher, snapshot)
+    assert torch.equal(denoise(patcher, inputs), reference)
+
+
+def test_two_quantize_nodes_from_one_loader_are_independent(comfy, upstream):
+    patcher, inputs, reference, snapshot = upstream
+    a, _ = quantize(comfy, patcher, "torchao:int8wo")
+    b, _ = quantize(comfy, patcher, "torchao:fp8wo")
+    ids_a = {id(m) for m in a.model.modules()} | {id(p) for p in a.model.parameters()}
+    ids_b = {id(m) for m in b.model.modules()} | {id(p) for p in b.model.parameters()}
+    assert not ids_a & ids_b
+    ya, yb = denoise(a, inputs), denoise(b, inputs)
+    assert not torch.equal(ya, yb)
+    assert torch.equal(denoise(a, inputs), ya)
+    _assert_unchanged(patcher, snapshot)
+
+
+def _lora(patcher, seed=3, rank=4):
+    """A LoRA on three quantized Linear layers, strong enough to see through 4-bit noise."""
+    import comfy.lora
+    targets = ["diffusion_model.joint_blocks.0.x_block.attn.qkv",
+               "diffusion_model.joint_blocks.1.context_block.mlp.fc1",
+               "diffusion_model.joint_blocks.2.x_block.attn.proj"]
+    sd = patcher.model.state_dict()
+    lora = {}
+    for i, key in enumerate(targets):
+        out_f, in_f = sd[key + ".weight"].shape
+        lora[f"{key}.lora_up.weight"] = heavy_tailed((out_f, rank), seed + i, std=0.6).half()
+        lora[f"{key}.lora_down.weight"] = heavy_tailed((rank, in_f), seed + 10 + i, std=0.6).half()
+    return lora, targets
+
+
+def _with_lora(model, lora):
+    import comfy.sd
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    return patched
+
+
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "gguf:Q4_K"], ids=["int8wo", "Q4_K"])
+def test_lora_before_and_after_quantize(comfy, upstream, fmt):
+    patcher, inputs, reference, snapshot = upstream
+    lora, targets = _lora(patcher)
+    ref_lora = denoise(_with_lora(patcher, lora), inputs)
+    lora_effect = rel(ref_lora, reference)
+    assert lora_effect > 0.05, "the test LoRA must change the output visibly"
+    tol = OUTPUT_TOLERANCE[fmt]
+
+    quantized, _ = quantize(comfy, patcher, fmt)
+    plain = denoise(quantized, inputs)
+    after = denoise(_with_lora(quantized, lora), inputs)
+    before_model, _ = quantize(comfy, _with_lora(patcher, lora), fmt)
+    before = denoise(before_model, inputs)
+    print(f"{fmt}: LoRA effect {lora_effect:.3f}; after {rel(after, ref_lora):.4f}; "
+          f"before {rel(before, ref_lora):.4f}")
+    assert rel(after, ref_lora) < tol
+    assert rel(before, ref_lora) < tol
+    assert rel(after - plain, ref_lora - reference) < max(2 * tol, 0.1)  # the LoRA's own effect
+    assert not any(k.startswith(tuple(targets)) for k in before_model.patches), "baked patches dropped"
+    assert torch.equal(denoise(quantized, inputs), plain), "LoRA on a clone leaves the quantized model alone"
+    _assert_unchanged(patcher, snapshot)
+
+
+def test_partial_low_vram_load_matches_full_load(comfy, upstream):
+    patcher, inputs, reference, snapshot = upstream
+    quantized, _ = quantize(comfy, patcher, "gguf:Q8_0")
+    lora, _ = _lora(patcher)
+    model = _with_lora(quantized, lora)
+    full = denoise(model, inputs)
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    weights = sum(t.nelement() * t.element_size() for t in model.model.parameters())
+    budget = int(weights * 0.05)  # model_size() also counts large buffers (SD3's pos_embed)
+    model.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+    try:
+        assert model.model.model_lowvram
+        assert model.model.lowvram_patch_counter > 0, "LoRA goes through low-VRAM weight functions"
+        streamed = [m for m in model.model.modules()
+                    if isinstance(m, modules.QuantizedLayer) and m.comfy_cast_weights]
+        assert streamed, "some quantized layers are left offloaded"
+        with torch.inference_mode():
+            partial = model.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"],
+                                              y=inputs["y"]).float()
+    finally:
+        model.unpatch_model(torch.device("cpu"))
+    assert rel(partial, full) < 1e-5
+
+
+def test_unknown_and_unsupported_formats_are_clear_errors(comfy, upstream):
+    patcher = upstream[0]
+    with pytest.raises(errors.UnknownFormat, match="Known backends"):
+        quantize(comfy, patcher, "nosuch:int8")
+    with pytest.raises(errors.UnknownFormat, match="offers"):
+        quantize(comfy, patcher, "torchao:int3")
+    with pytest.raises(errors.FormatUnsupported, match="needs an NVIDIA GPU.*Try"):
+        quantize(comfy, patcher, "torchao:fp8dq")
+    with pytest.raises(errors.QuantKitError, match="not a valid regular expression"):
+        quantize(comfy, patcher, "torchao:int8wo", exclude="([")
+
+
+def test_missing_backend_names_the_package(comfy, upstream, monkeypatch):
+    adapter = registry.get_adapter("quanto")
+    monkeypatch.setattr(adapter, "package", "quantkit_no_such_package")
+    monkeypatch.setattr(registry, "_IMPORT_CACHE", {})
+    with pytest.raises(errors.BackendUnavailable, match="pip install optimum-quanto"):
+        quantize(comfy, upstream[0], "quanto:int8")
+
+
+def test_out_of_memory_leaves_upstream_usable(comfy, upstream, monkeypatch):
+    patcher, inputs, reference, snapshot = upstream
+    adapter = registry.get_adapter("torchao")
+    calls = {"n": 0}
+    original = type(adapter).quantize
+
+    def flaky(self, weight, spec):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, weight, spec)
+
+    monkeypatch.setattr(type(adapter), "quantize", flaky)
+    with pytest.raises(errors.QuantKitError, match="input model is unchanged.*'cpu'"):
+        quantize(comfy, patcher, "torchao:int8wo")
+    _assert_unchanged(patcher, snapshot)
+    assert torch.equal(denoise(patcher, inputs), reference)
+
+
+def test_exclude_pattern_and_report(comfy, upstream):
+    patcher = upstream[0]
+    quantized, text = quantize(comfy, patcher, "torchao:int8wo", exclude=r"context_block")
+    kept = [n for n, m in quantized.model.diffusion_model.named_modules()
+            if "context_block" in n and isinstance(m, torch.nn.Linear)]
+    assert kept and all(not isinstance(quantized.model.diffusion_model.get_submodule(n), modules.QuantizedLayer)
+                        for n in kept)
+    report = quantized.model.quantkit_reports[-1]
+    assert report["format_id"] == "torchao:int8wo"
+    assert report["kept_reasons"].get("matched the exclude pattern", 0) == len(kept)
+    assert report["bytes_after"] < report["bytes_before"]
