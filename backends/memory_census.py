@@ -67,8 +67,8 @@ class TreeCensus:
             self.parameters += entry.logical_elements
         self.stored_bytes += entry.stored_bytes
         self.bytes_at_16bit += entry.logical_elements * 2
-        self.bytes_by_format[entry.format] = self.bytes_by_format.get(entry.format, 0) + entry.stored_bytes
-        self.bytes_by_device[entry.device] = self.bytes_by_device.get(entry.device, 0) + entry.stored_bytes
+        for figures, key in ((self.bytes_by_format, entry.format), (self.bytes_by_device, entry.device)):
+            figures[key] = figures.get(key, 0) + entry.stored_bytes
 
 
 def _foreign_format(t: torch.Tensor) -> Optional[Tuple[str, int, int, torch.Tensor]]:

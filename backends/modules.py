@@ -118,12 +118,15 @@ class QuantizedConv(QuantizedLayer):
 
 
 def make_quantized(module: nn.Module, adapter: BackendAdapter, spec: FormatSpec, parts: dict,
-                   bias: Optional[torch.Tensor], layer_cls=None) -> QuantizedLayer:
+                   bias: Optional[torch.Tensor], layer_cls=None, shape=None,
+                   source_dtype=None) -> QuantizedLayer:
     """A quantized stand-in for `module` (a Linear or Conv). `layer_cls` lets a host
-    supply subclasses with its own hooks."""
-    shape = module.weight.shape
+    supply subclasses with its own hooks; `shape`/`source_dtype` describe the float
+    weight when the module holds none (a layer read from a quantized file)."""
+    shape = module.weight.shape if shape is None else torch.Size(shape)
+    source_dtype = source_dtype or module.weight.dtype
     if isinstance(module, nn.Linear):
         cls = layer_cls[0] if layer_cls else QuantizedLinear
-        return cls(adapter, spec, shape, parts, bias, module.weight.dtype)
+        return cls(adapter, spec, shape, parts, bias, source_dtype)
     cls = layer_cls[1] if layer_cls else QuantizedConv
-    return cls(adapter, spec, shape, parts, bias, module.weight.dtype, module)
+    return cls(adapter, spec, shape, parts, bias, source_dtype, module)

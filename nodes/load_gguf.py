@@ -1,15 +1,116 @@
-"""Load GGUF Model (placeholder)."""
+"""Load GGUF Model: a .gguf diffusion model straight into quantized layers (no float copy)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import comfy.sd
+import folder_paths
+
+from ..backends.errors import FormatUnsupported, MalformedFile
+from ..backends.gguf_file import FLOAT_TYPES, read_gguf
+from ..backends.modules import QuantizedLayer, make_quantized
+from ..backends.registry import get_format
+from ..backends.report import KEPT, QUANTIZED, LayerRecord, QuantReport
+from .comfy_layers import LAYER_CLASSES, adopt_patcher
+from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder
+
+GGUF_FOLDER = "quantkit_gguf"
+
+
+def register_gguf_folder() -> None:
+    """.gguf files are listed from the diffusion model folders (and their extra paths)."""
+    if GGUF_FOLDER not in folder_paths.folder_names_and_paths:
+        paths = folder_paths.folder_names_and_paths["diffusion_models"][0]  # the live list
+        folder_paths.folder_names_and_paths[GGUF_FOLDER] = (paths, {".gguf"})
+
+
+def build_state_dict(contents):
+    """Float tensors as they are; quantized ones as meta placeholders of their float shape
+    (what ComfyUI's model detection reads)."""
+    sd = {}
+    for name, t in contents.tensors.items():
+        sd[name] = t.data if t.qtype in FLOAT_TYPES else placeholder(t.shape)
+    return sd
+
+
+def load_gguf_model(path: str):
+    start = time.perf_counter()
+    contents = read_gguf(path)
+    sd = build_state_dict(contents)
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": gguf_loading_ops()})
+    if patcher is None:
+        raise MalformedFile(f"{path}: ComfyUI does not recognise this model's architecture "
+                            f"(GGUF architecture '{contents.architecture}'). Load GGUF Model reads "
+                            f"diffusion models in ComfyUI's own key layout (as ComfyUI-GGUF's converter writes).")
+    diffusion = patcher.model.diffusion_model
+    report = QuantReport(target="diffusion model (GGUF file)", format_id="gguf:file", recipe="file",
+                         device="cpu")
+    by_name = _tensor_lookup(contents)
+    for name, module in lazy_layers(diffusion):
+        tensor = by_name(module.gguf_weight)
+        adapter, spec = get_format(f"gguf:{tensor.qtype}")
+        problem = adapter.supports_shape(spec, torch.Size(tensor.shape))
+        if problem:
+            raise FormatUnsupported(f"{path}: tensor {tensor.name} ({tensor.qtype}, shape "
+                                    f"{tensor.shape}) cannot be used: {problem}.")
+        bias = module.bias.detach() if module.bias is not None else None
+        new = make_quantized(module, adapter, spec, {"weight": tensor.data}, bias,
+                             layer_cls=LAYER_CLASSES, shape=tensor.shape, source_dtype=torch.float16)
+        _replace(diffusion, name, new)
+        report.layers.append(LayerRecord(name, tuple(tensor.shape), QUANTIZED, spec.id, "",
+                                         torch.Size(tensor.shape).numel() * 2, new.stored_bytes()))
+    for n, m in diffusion.named_modules():
+        if getattr(m, "gguf_weight", None) is None and hasattr(m, "has_bias") and m.weight is None:
+            raise MalformedFile(f"{path}: layer {n} got no weight from the file.")
+    report.other_bytes = sum(p.nelement() * p.element_size() for n, p in diffusion.named_parameters()
+                             if not _in_quantized(diffusion, n))
+    report.seconds = time.perf_counter() - start
+    patcher.model.quantkit_reports = [report.to_dict()]
+    return adopt_patcher(patcher, patcher.model), report
+
+
+def _tensor_lookup(contents):
+    """Model keys may have lost a checkpoint prefix; match on the longest suffix."""
+    names = contents.tensors
+
+    def find(key):
+        if key in names:
+            return names[key]
+        for name, t in names.items():
+            if name.endswith("." + key):
+                return t
+        raise MalformedFile(f"{contents.path}: no tensor for layer weight {key}.")
+    return find
+
+
+def _replace(root, name, child):
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, child)
+
+
+def _in_quantized(root, param_name):
+    module_name = param_name.rpartition(".")[0]
+    return isinstance(root.get_submodule(module_name), QuantizedLayer) if module_name else False
 
 
 class LoadGGUF:
-    DESCRIPTION = "Loads a GGUF diffusion model."
+    DESCRIPTION = ("Loads a .gguf diffusion model (SD1.5, SDXL, SD3, PixArt, ...) directly into "
+                   "quantized layers: the file's bytes are what sits in memory. Works with LoRA "
+                   "and ComfyUI's low-VRAM loading.")
     CATEGORY = "QuantKit"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, quantized as stored in the file.",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"gguf_name": ("STRING", {"default": "", "tooltip": "File name."})}}
+        register_gguf_folder()
+        return {"required": {"gguf_name": (folder_paths.get_filename_list(GGUF_FOLDER), {
+            "tooltip": "A .gguf file from models/diffusion_models (or models/unet)."})}}
 
     def load(self, gguf_name):
-        raise NotImplementedError
+        path = folder_paths.get_full_path_or_raise(GGUF_FOLDER, gguf_name)
+        model, report = load_gguf_model(path)
+        return {"ui": {"text": (report.summary(),)}, "result": (model,)}

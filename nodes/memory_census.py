@@ -95,7 +95,8 @@ def collect_components(wired: dict) -> List[Component]:
 def _tensor_input(name, t) -> Optional[TensorInput]:
     if not isinstance(t, torch.Tensor):
         return None
-    return TensorInput(name, tuple(t.shape), dtype_name(t.dtype), str(t.device), t.nelement() * t.element_size())
+    return TensorInput(name, tuple(t.shape), dtype_name(t.dtype), str(t.device),
+                       t.nelement() * t.element_size())
 
 
 def collect_inputs(latent, image) -> List[TensorInput]:

@@ -63,8 +63,8 @@ def axis_ticks(max_bytes: float) -> Tuple[List[float], int, str]:
 def _subtitle(snap: MemorySnapshot) -> str:
     dev, gpu, ram = snap.devices, snap.devices.gpu, snap.devices.ram
     if gpu is None:
-        return (f"{dev.name}  |  RAM {format_bytes(ram.total)}, {format_bytes(ram.available)} available  |  "
-                f"process {format_bytes(ram.rss)}")
+        return (f"{dev.name}  |  RAM {format_bytes(ram.total)}, {format_bytes(ram.available)} "
+                f"available  |  process {format_bytes(ram.rss)}")
     return (f"{dev.name}  |  GPU {format_bytes(gpu.total)}, {format_bytes(gpu.free)} free  |  "
             f"peak allocated {format_bytes(gpu.peak_allocated)}")
 

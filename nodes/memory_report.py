@@ -37,8 +37,8 @@ class MemoryReport:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "label": ("STRING", {"default": "", "tooltip": "A title for this report, e.g. "
-                                                                 "'after quantize' (to tell several apart)."}),
+                "label": ("STRING", {"default": "", "tooltip": "A title for this report, e.g. 'after "
+                                                                 "quantize' (to tell several apart)."}),
                 "reset_peak": ("BOOLEAN", {"default": False, "tooltip": "After reading, start the "
                                            "peak counters (GPU allocator, process RAM) again from "
                                            "now, so the next report shows the peak of what runs "

@@ -56,6 +56,14 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _main_dtype(module) -> str:
+    """The dtype holding most of a module's weights (its first parameter may be a float32 scalar)."""
+    counts = {}
+    for p in module.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return str(max(counts, key=counts.get)).replace("torch.", "") if counts else "-"
+
+
 class _Run:
     """One check's measurements, reported as JSON."""
 
@@ -83,6 +91,7 @@ class _Run:
             "class": type(m).__name__, "config": type(cfg).__name__,
             "unet_config": {k: cfg.unet_config[k] for k in keep if k in cfg.unet_config},
             "dtype": str(m.get_dtype()).replace("torch.", ""),
+            "manual_cast": str(m.manual_cast_dtype).replace("torch.", ""),
             "parameters": _params(m.diffusion_model),
             "latent_channels": m.latent_format.latent_channels,
         }
@@ -93,7 +102,7 @@ class _Run:
         for name in ("clip_l", "clip_g", "t5xxl", "clip_h"):
             sub = getattr(te, name, None)
             if sub is not None:
-                parts[name] = {"parameters": _params(sub), "dtype": str(next(sub.parameters()).dtype).replace("torch.", "")}
+                parts[name] = {"parameters": _params(sub), "dtype": _main_dtype(sub)}
         if not parts:
             parts[getattr(te, "clip", "?")] = {"parameters": _params(te)}
         self.result[label] = {"class": type(te).__name__, "encoders": parts}
@@ -239,6 +248,9 @@ def _summary(r: dict) -> str:
         else:
             enc = ", ".join(f"{k} {v['parameters'] / 1e6:.0f}M {v.get('dtype', '')}".strip() for k, v in d["encoders"].items())
             parts.append(f"{label} {d['class']} [{enc}]")
+    shapes = [f"{k[:-6]} {v}" for k, v in r.items() if k.endswith("_shape")]
+    if shapes:
+        parts.append("cond " + "; ".join(shapes))
     if r.get("times"):
         parts.append("times " + " ".join(f"{k}={v}" for k, v in r["times"].items()))
     if r.get("finite"):

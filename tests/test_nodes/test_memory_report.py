@@ -151,7 +151,8 @@ def test_models_loaded_by_comfyui_are_listed_once(comfy, tiny):
         wired = pack_module("nodes.memory_census").take_snapshot("t", model=patcher)
         mine = [c for c in wired.components if c.model_class == "TinyNet"]
         assert len(mine) == 1 and mine[0].wired and mine[0].loaded_on == "cpu"
-        assert "[model] TinyNet - loaded by ComfyUI for cpu" in run_node(comfy, model=patcher)["ui"]["text"][0]
+        text = run_node(comfy, model=patcher)["ui"]["text"][0]
+        assert "[model] TinyNet - loaded by ComfyUI for cpu" in text
     finally:
         for i, loaded in enumerate(mm.current_loaded_models):
             if loaded.model is patcher:
@@ -162,7 +163,8 @@ def test_models_loaded_by_comfyui_are_listed_once(comfy, tiny):
 def test_shared_weights_are_counted_once(comfy, tiny):
     patcher, _ = tiny
     census_mod = pack_module("nodes.memory_census")
-    snap = census_mod.take_snapshot("t", model=patcher, vae=cpu_patcher(patcher.model.head))  # any patcher goes in any slot
+    # the head's own patcher, wired as if it were a VAE: it shares its tensors with the model
+    snap = census_mod.take_snapshot("t", model=patcher, vae=cpu_patcher(patcher.model.head))
     head_bytes = sum(t.nelement() * t.element_size() for t in patcher.model.head.parameters())
     assert snap.shared_bytes == head_bytes
     assert snap.total_model_bytes == component(snap, "model").census.stored_bytes

@@ -1,0 +1,104 @@
+"""The pack inside a real ComfyUI server (main.py --cpu): registration, import log, and
+bundled workflows run end to end through POST /prompt."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.comfy_inprocess import PACK_LINK_NAME
+from harness.comfy_server import ComfyServer, ServerError
+from harness.locations import REPO_ROOT
+from harness.workflow_api import to_api
+from harness import workflow_builder
+
+pytestmark = pytest.mark.server
+
+OUR_NODES = {
+    "QuantKitQuantizeModel": "Quantize Model",
+    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
+    "QuantKitLoadGGUF": "Load GGUF Model",
+    "QuantKitMemoryReport": "Memory Report",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ComfyServer(tmp_path_factory.mktemp("server-base"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def test_pack_imports_cleanly(server):
+    log = server.log_text()
+    assert PACK_LINK_NAME in log, "ComfyUI's import-time table lists the pack"
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not [line for line in failed if PACK_LINK_NAME in line], failed
+
+
+def test_nodes_registered_with_plain_names_and_tooltips(object_info):
+    for node_id, display in OUR_NODES.items():
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        info = object_info[node_id]
+        assert info["display_name"] == display
+        assert info["category"] == "QuantKit"
+        assert info["description"]
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_quantize_model_format_list_covers_every_backend(object_info):
+    formats = object_info["QuantKitQuantizeModel"]["input"]["required"]["format"][0]
+    for fmt in ("torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q4_K", "gguf:Q8_0"):
+        assert fmt in formats
+
+
+def test_invalid_input_is_rejected_before_running(server):
+    prompt = {"1": {"class_type": "QuantKitQuantizeModel",
+                    "inputs": {"model": ["2", 0], "format": "nosuch:fmt", "recipe": "auto"}},
+              "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "missing.safetensors",
+                                                            "weight_dtype": "default"}}}
+    with pytest.raises(ServerError, match="format|value_not_in_list"):
+        server.queue(prompt)
+
+
+def test_bundled_workflows_are_current_and_convert(object_info):
+    for name, graph in workflow_builder.GRAPHS.items():
+        path = REPO_ROOT / "workflows" / name
+        assert path.exists(), f"{name} is missing: regenerate with python tests/harness/build_workflows.py"
+        saved = json.loads(path.read_text())
+        assert saved == workflow_builder.build(graph, object_info), f"{name} is stale: regenerate it"
+        prompt = to_api(saved, object_info)
+        kinds = {n["class_type"] for n in prompt.values()}
+        assert {"QuantKitQuantizeModel", "QuantKitQuantizeTextEncoder", "QuantKitMemoryReport"} <= kinds
+
+
+def test_sd15_workflow_produces_an_image(server):
+    workflow = json.loads((REPO_ROOT / "workflows" / "sd15_quantized.json").read_text())
+    prompt = to_api(workflow, server.object_info())
+    for node in prompt.values():  # small and short: CPU
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=128, height=128)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    entry = server.run(prompt, timeout=1200)
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert len(images) >= 2, "the picture and the memory chart are saved"
+    for img in images:
+        path = server.base_dir / "output" / img.get("subfolder", "") / img["filename"]
+        assert path.stat().st_size > 1000
+    from PIL import Image
+    first = Image.open(server.base_dir / "output" / images[0]["filename"])
+    assert first.size == (128, 128)
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("torchao:int8wo" in t for t in texts), "the report names the format used"

@@ -1,0 +1,83 @@
+"""Load GGUF Model through real ComfyUI: a file written from a quantized tiny SD3 loads
+back into the same quantized layers, bytes and outputs; bad files give clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.gguf_files import save_diffusion_model_gguf
+from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
+
+modules = pack_module("backends.modules")
+errors = pack_module("backends.errors")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def gguf_file(comfy, base_dir):
+    source = tiny_sd3_patcher()
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
+    quantized = node.quantize(source, "gguf:Q4_K", "auto")["result"][0]
+    folder = base_dir / "models" / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "qk_tiny_sd3_Q4_K.gguf"
+    save_diffusion_model_gguf(quantized, path, "sd3", modules.QuantizedLayer)
+    return path, quantized
+
+
+def load(comfy, name):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitLoadGGUF"]
+    assert name in node.INPUT_TYPES()["required"]["gguf_name"][0], "the file is listed"
+    out = node().load(name)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def test_loaded_model_equals_in_memory_quantization(comfy, gguf_file):
+    path, quantized = gguf_file
+    model, text = load(comfy, path.name)
+    assert "quantized" in text
+    layers = {n: m for n, m in model.model.diffusion_model.named_modules()
+              if isinstance(m, modules.QuantizedLayer)}
+    expected = {n: m for n, m in quantized.model.diffusion_model.named_modules()
+                if isinstance(m, modules.QuantizedLayer)}
+    assert set(layers) == set(expected)
+    for name, layer in layers.items():
+        assert layer.spec.id == expected[name].spec.id
+        assert torch.equal(layer.weight, expected[name].weight), f"{name}: bytes differ from the file"
+    inputs = sd3_inputs()
+    out, ref = denoise(model, inputs), denoise(quantized, inputs)
+    assert rel(out, ref) < 1e-4
+    file_bytes = sum(l.weight.nelement() for l in layers.values())
+    assert file_bytes < 0.33 * sum(l.weight_shape.numel() * 2 for l in layers.values()), "~4.5 bits in memory"
+
+
+def test_lora_applies_to_a_loaded_gguf_model(comfy, gguf_file):
+    from comfy.sd import load_lora_for_models
+    model, _ = load(comfy, gguf_file[0].name)
+    key = "diffusion_model.joint_blocks.1.x_block.mlp.fc1"
+    w = model.model.state_dict()[key + ".weight"]
+    out_f, in_f = model.model.diffusion_model.joint_blocks[1].x_block.mlp.fc1.weight_shape
+    g = torch.Generator().manual_seed(1)
+    lora = {f"{key}.lora_up.weight": torch.randn(out_f, 4, generator=g) * 0.5,
+            f"{key}.lora_down.weight": torch.randn(4, in_f, generator=g) * 0.5}
+    patched, _ = load_lora_for_models(model, None, lora, 1.0, 0.0)
+    inputs = sd3_inputs()
+    assert rel(denoise(patched, inputs), denoise(model, inputs)) > 0.01
+    assert w.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty|too short|not a GGUF|truncated"),
+    (b"NOTGGUF" + bytes(200), "not a GGUF|magic"),
+    (None, "truncated|corrupt|past the end|ends"),
+], ids=["empty", "bad-magic", "truncated"])
+def test_malformed_files_are_clear_errors(comfy, base_dir, gguf_file, content, match):
+    folder = base_dir / "models" / "diffusion_models"
+    bad = folder / f"bad_{len(content) if content is not None else 'trunc'}.gguf"
+    bad.write_bytes(content if content is not None else gguf_file[0].read_bytes()[:5000])
+    with pytest.raises(errors.MalformedFile, match=f"(?i){match}"):
+        load(comfy, bad.name)
