@@ -83,12 +83,19 @@ class QuantizedLayer(nn.Module):
         return f"{self.spec.id}, shape={tuple(self.weight_shape)}, bias={self.bias is not None}"
 
 
+def _cpu_half(x: torch.Tensor) -> bool:
+    # CPUs have no fast float16 matrix kernels: compute in float32 and round back.
+    return x.device.type == "cpu" and x.dtype == torch.float16
+
+
 class QuantizedLinear(QuantizedLayer):
     def __init__(self, adapter, spec, shape, parts, bias, source_dtype):
         super().__init__(adapter, spec, shape, parts, bias, source_dtype)
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_half(x):
+            return self.forward(x.float()).to(x.dtype)
         if self.weight_hooks():
             return F.linear(x, self._weight_for(x), self._bias_for(x))
         return self.adapter.linear(x, self.parts(x.device), self.spec, self.weight_shape,
@@ -109,6 +116,8 @@ class QuantizedConv(QuantizedLayer):
         self._reversed_padding_repeated_twice = getattr(conv, "_reversed_padding_repeated_twice", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_half(x):
+            return self.forward(x.float()).to(x.dtype)
         conv = self._CONV[len(self.weight_shape)]
         w, b = self._weight_for(x), self._bias_for(x)
         if self.padding_mode != "zeros":

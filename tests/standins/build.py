@@ -93,7 +93,6 @@ def _lock(path: str):
 
 def tensor_specs(standin: catalog.StandIn):
     """The file's tensors (names, shapes, stored dtype, how to fill), from ComfyUI's classes."""
-    import torch
     from .safetensors_stream import TensorSpec
     from . import fill
     state_dict = standin.build()
@@ -107,6 +106,15 @@ def tensor_specs(standin: catalog.StandIn):
                 raise RuntimeError(f"{standin.name}: {key} is a {t.dtype} tensor without values")
             specs.append(TensorSpec(key, shape, t.dtype, "data", key, t.detach().cpu()))
     return state_dict, specs
+
+
+def _remove_stale_partials(path: str) -> None:
+    """Temp files of this output left by a killed run (called with the file's lock held)."""
+    folder, base = os.path.split(path)
+    for entry in os.listdir(folder):
+        if entry.startswith(f".{base}.") and entry.endswith(".partial"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
 
 
 def build_one(standin: catalog.StandIn, path: str) -> dict:
@@ -145,7 +153,7 @@ def ensure_standins(families: Iterable[str] = ("all",), out_dir: Optional[str] =
     families: names from catalog.FAMILIES, or "all". report: called with one line per file
     (default: logging at INFO level).
     """
-    families = list(families)
+    families = families.split(",") if isinstance(families, str) else list(families)
     if "all" in families:
         families = list(catalog.FAMILIES)
     out_dir = os.path.abspath(out_dir or default_out_dir())
@@ -155,6 +163,7 @@ def ensure_standins(families: Iterable[str] = ("all",), out_dir: Optional[str] =
         path = os.path.join(out_dir, standin.relpath)
         start = time.monotonic()
         with _lock(path):
+            _remove_stale_partials(path)
             if is_current(standin, path):
                 stamp = _read_stamp(path)
                 report(f"reused {standin.relpath:48s} {stamp['bytes'] / 1e9:6.2f} GB "

@@ -6,7 +6,7 @@ the same values wherever it is stored (a checkpoint or a standalone file).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch

@@ -256,6 +256,8 @@ def _summary(r: dict) -> str:
     if r.get("finite"):
         bad = [k for k, v in r["finite"].items() if not v]
         parts.append("finite: " + ("all" if not bad else "NOT " + ",".join(bad)))
+    if r.get("warnings"):
+        parts.append(f"warnings: {r['warnings']}")
     for k in ("error", "missing_weights"):
         if r.get(k):
             parts.append(f"{k}: {r[k]}")

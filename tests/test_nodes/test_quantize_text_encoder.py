@@ -1,0 +1,155 @@
+"""Quantize Text Encoder through real ComfyUI on the stand-in CLIP-L, CLIP-G and T5-XXL
+(full size, random weights), loaded by ComfyUI's own CLIP loaders."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import pack_module
+from harness.formats import cpu_format_ids
+from harness.standin_clips import PROMPTS, encode, load_family_clip
+
+registry = pack_module("backends.registry")
+base = pack_module("backends.base")
+errors = pack_module("backends.errors")
+modules = pack_module("backends.modules")
+
+CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
+
+# Minimum cosine similarity of the conditioning vs the unquantized encoder, by bits stored.
+def min_cosine(bits: float) -> float:
+    for limit, bound in ((7.9, 0.995), (5.9, 0.98), (4.9, 0.95), (3.9, 0.85), (2.9, 0.7)):
+        if bits >= limit:
+            return bound
+    return 0.4
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def quantize(comfy, clip, fmt, encoders="auto"):
+    out = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]().quantize(clip, fmt, encoders)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def snapshot(clip):
+    return {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+
+
+def assert_unchanged(clip, snap):
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    sd = clip.cond_stage_model.state_dict()
+    assert set(sd) == set(snap)
+    assert all(torch.equal(sd[k], v) for k, v in snap.items())
+    assert not any(isinstance(m, modules.QuantizedLayer) for m in clip.cond_stage_model.modules())
+
+
+def quantized_encoders(clip):
+    found = set()
+    for name, m in clip.cond_stage_model.named_modules():
+        if isinstance(m, modules.QuantizedLayer):
+            found.add(name.split(".")[0])
+    return found
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    clip = load_family_clip("sd15")
+    return clip, [encode(clip, PROMPTS[0])], snapshot(clip)
+
+
+@pytest.mark.parametrize("fmt", CPU_FORMATS, ids=CPU_FORMATS)
+def test_sd15_clip_l_every_format(comfy, sd15, fmt):
+    clip, reference, snap = sd15
+    new, text = quantize(comfy, clip, fmt)
+    assert quantized_encoders(new) == {"clip_l"}
+    bits = registry.get_format(fmt)[1].bits_per_weight
+    for (cond, pooled), (ref_cond, ref_pooled) in zip([encode(new, PROMPTS[0])], reference):
+        cos, err = cosine(cond, ref_cond), rel(cond, ref_cond)
+        print(f"{fmt}: cosine {cos:.5f}, relative error {err:.4f} (min cosine {min_cosine(bits)})")
+        assert cos >= min_cosine(bits)
+        assert cosine(pooled, ref_pooled) >= min_cosine(bits) - 0.02
+    # ComfyUI's memory manager sees the true size: the source less what each layer saved.
+    layers = [m for m in new.cond_stage_model.modules() if isinstance(m, modules.QuantizedLayer)]
+    saved = sum(l.weight_shape.numel() * l.source_dtype.itemsize - sum(
+        p.nelement() * p.element_size() for n, p in l.named_parameters() if n != "bias") for l in layers)
+    assert new.patcher.model_size() == clip.patcher.model_size() - saved
+    assert saved > 0.4 * sum(l.weight_shape.numel() * 2 for l in layers) * (1 - bits / 16) / 0.5
+    assert new.tokenizer is clip.tokenizer
+    assert_unchanged(clip, snap)
+    assert torch.equal(encode(clip, PROMPTS[0])[0], reference[0][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q8_0"])
+def test_sdxl_auto_keeps_clip_g_and_all_quantizes_it(comfy, fmt):
+    clip = load_family_clip("sdxl")
+    ref = encode(clip, PROMPTS[0])
+    snap = snapshot(clip)
+    auto, _ = quantize(comfy, clip, fmt, "auto")
+    assert quantized_encoders(auto) == {"clip_l"}, "CLIP-G stays in high precision by default"
+    everything, _ = quantize(comfy, clip, fmt, "all")
+    assert quantized_encoders(everything) == {"clip_l", "clip_g"}
+    bits = registry.get_format(fmt)[1].bits_per_weight
+    for new in (auto, everything):
+        cond, pooled = encode(new, PROMPTS[0])
+        print(f"sdxl {fmt}: cosine {cosine(cond, ref[0]):.5f}, pooled {cosine(pooled, ref[1]):.5f}")
+        assert cosine(cond, ref[0]) >= min_cosine(bits)
+    assert everything.patcher.model_size() < auto.patcher.model_size() < clip.patcher.model_size()
+    assert_unchanged(clip, snap)
+
+
+@pytest.fixture(scope="module")
+def t5_clip(comfy):
+    clip = load_family_clip("pixart")
+    return clip, encode(clip, PROMPTS[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q8_0"])
+def test_pixart_t5xxl(comfy, t5_clip, fmt):
+    clip, (ref_cond, _) = t5_clip
+    before = clip.patcher.model_size()
+    new, text = quantize(comfy, clip, fmt, "t5xxl")
+    assert quantized_encoders(new) == {"t5xxl"}
+    cond, _ = encode(new, PROMPTS[0])
+    bits = registry.get_format(fmt)[1].bits_per_weight
+    print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel(cond, ref_cond):.4f}; "
+          f"{before / 2**30:.2f} GiB -> {new.patcher.model_size() / 2**30:.2f} GiB")
+    assert torch.isfinite(cond).all()
+    assert cosine(cond, ref_cond) >= min_cosine(bits)
+    assert new.patcher.model_size() <= before * (bits / 8) * 1.05  # stored fp8 -> bits
+    assert torch.equal(encode(clip, PROMPTS[0])[0], ref_cond), "the input CLIP still encodes as before"
+
+
+@pytest.mark.slow
+def test_sd3_auto_quantizes_t5_and_clip_l_not_clip_g(comfy):
+    clip = load_family_clip("sd3")
+    ref_cond, ref_pooled = encode(clip, PROMPTS[0])
+    new, text = quantize(comfy, clip, "torchao:int8wo")
+    assert quantized_encoders(new) == {"clip_l", "t5xxl"}
+    assert "clip_g" not in text
+    cond, pooled = encode(new, PROMPTS[0])
+    print(f"sd3 auto: cosine {cosine(cond, ref_cond):.5f}, pooled {cosine(pooled, ref_pooled):.5f}")
+    assert cosine(cond, ref_cond) >= 0.99 and cosine(pooled, ref_pooled) >= 0.99
+    with pytest.raises(errors.QuantKitError, match="holds only clip_l, clip_g, t5xxl"):
+        quantize(comfy, load_family_clip("sd15"), "torchao:int8wo", "t5xxl")
+
+
+def test_asking_for_a_missing_encoder_is_an_error(comfy, sd15):
+    with pytest.raises(errors.QuantKitError, match="holds only clip_l"):
+        quantize(comfy, sd15[0], "torchao:int8wo", "clip_g")
+
+
+def test_unknown_clip_type_is_an_error(comfy, sd15):
+    clip = sd15[0].clone()
+    clip.cond_stage_model = torch.nn.Module()  # a CLIP from some other model family
+    with pytest.raises(errors.QuantKitError, match="holds no encoder"):
+        quantize(comfy, clip, "torchao:int8wo")
