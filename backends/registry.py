@@ -23,9 +23,13 @@ def register(adapter_cls):
     return adapter_cls
 
 
+_ORDER = ("torchao", "bnb", "quanto", "gguf")  # how menus list them, whatever the import order
+
+
 def adapters() -> Dict[str, BackendAdapter]:
     _load_builtin_backends()
-    return dict(_ADAPTERS)
+    rank = {name: i for i, name in enumerate(_ORDER)}
+    return {name: _ADAPTERS[name] for name in sorted(_ADAPTERS, key=lambda n: rank.get(n, len(rank)))}
 
 
 def all_format_ids() -> List[str]:

@@ -55,10 +55,6 @@ class MemoryReport:
             },
         }
 
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")  # live figures: never reuse a cached report
-
     def report(self, label, reset_peak, model=None, clip=None, vae=None, latent=None, image=None):
         snapshot = take_snapshot(label, model=model, clip=clip, vae=vae, latent=latent, image=image)
         if reset_peak:

@@ -21,7 +21,7 @@ quantize_mod = pack_module("backends.quantize")
 recipes = pack_module("backends.recipes")
 
 
-class TinyNet(nn.Module):
+class MemoryReportNet(nn.Module):
     """Two 256x256 layers big enough to quantize; the small ones stay fp16."""
 
     def __init__(self):
@@ -43,7 +43,7 @@ def storage_bytes_by_dtype(module):
 def tiny(comfy):
     """(patcher, figures of the fp16 model before quantization)."""
     torch.manual_seed(0)
-    root = TinyNet().half()
+    root = MemoryReportNet().half()
     before = {"bytes": sum(storage_bytes_by_dtype(root).values()),
               "parameters": sum(p.numel() for p in root.parameters())}
     report = quantize_mod.quantize_tree(root, INT8, recipes.get_recipe("generic"), target="tiny net",
@@ -79,7 +79,8 @@ def test_interface(comfy):
     assert set(spec["optional"]) == {"model", "clip", "vae", "latent", "image"}
     for _, (_, opts) in list(spec["required"].items()) + list(spec["optional"].items()):
         assert opts.get("tooltip")
-    assert cls.IS_CHANGED(label="") != cls.IS_CHANGED(label="")  # nan: always re-run
+    # Cached like any node: an inline report must not force the sampler after it to re-run.
+    assert not hasattr(cls, "IS_CHANGED")
 
 
 def test_census_bytes_match_the_tensors(comfy, tiny):
@@ -146,13 +147,13 @@ def test_models_loaded_by_comfyui_are_listed_once(comfy, tiny):
     mm.load_models_gpu([patcher])
     try:
         snap = pack_module("nodes.memory_census").take_snapshot("t")
-        mine = [c for c in snap.components if c.model_class == "TinyNet"]
+        mine = [c for c in snap.components if c.model_class == "MemoryReportNet"]
         assert len(mine) == 1 and not mine[0].wired and mine[0].loaded_on == "cpu"
         wired = pack_module("nodes.memory_census").take_snapshot("t", model=patcher)
-        mine = [c for c in wired.components if c.model_class == "TinyNet"]
+        mine = [c for c in wired.components if c.model_class == "MemoryReportNet"]
         assert len(mine) == 1 and mine[0].wired and mine[0].loaded_on == "cpu"
         text = run_node(comfy, model=patcher)["ui"]["text"][0]
-        assert "[model] TinyNet - loaded by ComfyUI for cpu" in text
+        assert "[model] MemoryReportNet - loaded by ComfyUI for cpu" in text
     finally:
         for i, loaded in enumerate(mm.current_loaded_models):
             if loaded.model is patcher:
@@ -165,9 +166,14 @@ def test_shared_weights_are_counted_once(comfy, tiny):
     census_mod = pack_module("nodes.memory_census")
     # the head's own patcher, wired as if it were a VAE: it shares its tensors with the model
     snap = census_mod.take_snapshot("t", model=patcher, vae=cpu_patcher(patcher.model.head))
+    model, vae = component(snap, "model").census, component(snap, "vae").census
     head_bytes = sum(t.nelement() * t.element_size() for t in patcher.model.head.parameters())
-    assert snap.shared_bytes == head_bytes
-    assert snap.total_model_bytes == component(snap, "model").census.stored_bytes
+    assert vae.stored_bytes == head_bytes
+    assert pack_module("backends.memory_census").shared_bytes(model, vae) == head_bytes
+    # models other tests left loaded may share weights among themselves too
+    others = [c.census for c in snap.components if not c.wired]
+    assert snap.shared_bytes == head_bytes + pack_module("backends.memory_census").shared_bytes(*others)
+    assert snap.total_model_bytes == sum(c.census.stored_bytes for c in snap.components) - snap.shared_bytes
 
 
 @pytest.mark.server
