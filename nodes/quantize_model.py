@@ -1,11 +1,14 @@
 """Quantize Model: MODEL in, a new quantized MODEL out."""
 from __future__ import annotations
 
+import torch
+
 from ..backends.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
 
 DIFFUSION_RECIPES = ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]
 DEFAULT_FORMAT = "torchao:int8wo"
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ComfyUI's model config class -> our recipe
 FAMILY_BY_CONFIG = {
@@ -51,12 +54,18 @@ class QuantizeModel:
                     "default": "auto",
                     "tooltip": "Where the quantization math runs, one layer at a time. 'cpu' "
                                "uses no GPU memory (slower); 'auto' uses the GPU when there is one."}),
+                "compute_dtype": (list(COMPUTE_DTYPES), {
+                    "default": "auto",
+                    "tooltip": "The precision layers compute in (weights are dequantized to it). "
+                               "'auto' keeps ComfyUI's choice: bf16 where the GPU supports it."}),
             },
         }
 
-    def quantize(self, model, format, recipe, exclude="", quantize_on="auto"):
+    def quantize(self, model, format, recipe, exclude="", quantize_on="auto", compute_dtype="auto"):
         family = detect_family(model) if recipe == "auto" else recipe
         new_model, reports = quantize_patcher(model, [("diffusion_model", family, "diffusion model")],
                                               format, exclude, quantize_on)
+        if COMPUTE_DTYPES[compute_dtype] is not None:
+            new_model.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])  # ComfyUI's own mechanism
         text = "\n".join(r.summary() for r in reports)
         return {"ui": {"text": (text,)}, "result": (new_model,)}

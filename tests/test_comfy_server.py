@@ -67,7 +67,9 @@ def test_invalid_input_is_rejected_before_running(server):
     prompt = {"1": {"class_type": "QuantKitQuantizeModel",
                     "inputs": {"model": ["2", 0], "format": "nosuch:fmt", "recipe": "auto"}},
               "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "missing.safetensors",
-                                                            "weight_dtype": "default"}}}
+                                                            "weight_dtype": "default"}},
+              "3": {"class_type": "QuantKitMemoryReport",
+                    "inputs": {"model": ["1", 0], "label": "", "reset_peak": False}}}
     with pytest.raises(ServerError, match="format|value_not_in_list"):
         server.queue(prompt)
 
@@ -102,3 +104,49 @@ def test_sd15_workflow_produces_an_image(server):
     assert first.size == (128, 128)
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
     assert any("torchao:int8wo" in t for t in texts), "the report names the format used"
+
+
+def _run_workflow(tmp_path, name, size, extra_args=(), timeout=2400):
+    workflow = json.loads((REPO_ROOT / "workflows" / name).read_text())
+    with ComfyServer(tmp_path / "base", extra_args=extra_args) as srv:
+        prompt = to_api(workflow, srv.object_info())
+        for node in prompt.values():
+            inputs = node["inputs"]
+            for key in ("width", "height"):
+                if isinstance(inputs.get(key), int):
+                    inputs[key] = size
+            if node["class_type"] == "KSampler":
+                inputs["steps"] = 2
+        entry = srv.run(prompt, timeout=timeout)
+        images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+        texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+        from PIL import Image
+        first = Image.open(srv.base_dir / "output" / images[0]["filename"])
+        return first.size, texts, srv.log_text()
+
+
+@pytest.mark.slow
+def test_sdxl_workflow_end_to_end(tmp_path):
+    size, texts, _ = _run_workflow(tmp_path, "sdxl_quantized.json", 128, ["--bf16-unet"])
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "clip_l: torchao:int8wo" in report and "clip_g: " not in report, "auto keeps CLIP-G"
+    assert "diffusion model: torchao:int8wo (sdxl recipe)" in report
+
+
+@pytest.mark.slow
+def test_sd3_workflow_end_to_end_with_quantized_t5(tmp_path):
+    size, texts, _ = _run_workflow(tmp_path, "sd3_quantized.json", 128)
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (sd3 recipe)" in report
+    assert "t5xxl: torchao:int8wo" in report and "clip_l: torchao:int8wo" in report
+
+
+@pytest.mark.slow
+def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
+    size, texts, _ = _run_workflow(tmp_path, "pixart_quantized.json", 320)  # PixArt needs >= 40x40 latents
+    assert size == (320, 320)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (pixart recipe)" in report
+    assert "t5xxl: torchao:int8wo" in report

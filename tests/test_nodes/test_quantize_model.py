@@ -211,3 +211,19 @@ def test_exclude_pattern_and_report(comfy, upstream):
     assert report["format_id"] == "torchao:int8wo"
     assert report["kept_reasons"].get("matched the exclude pattern", 0) == len(kept)
     assert report["bytes_after"] < report["bytes_before"]
+
+
+def test_compute_dtype_option_uses_comfyuis_compute_dtype(comfy, upstream):
+    patcher, inputs, reference, snapshot = upstream
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
+    model = node.quantize(patcher, "gguf:Q8_0", "auto", "", "auto", "bf16")["result"][0]
+    assert model.object_patches.get("manual_cast_dtype") is torch.bfloat16
+    seen = []
+    layer = next(m for m in model.model.modules() if isinstance(m, modules.QuantizedLayer))
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+    try:
+        out = denoise(model, inputs)
+    finally:
+        handle.remove()
+    assert seen and seen[0] == torch.bfloat16
+    assert rel(out, reference) < 0.05

@@ -1,0 +1,125 @@
+"""Import a real ComfyUI in-process and load the QuantKit pack from this checkout.
+
+ComfyUI parses its command line once, at the first `comfy.cli_args` import, so the
+arguments of a run (--cpu, --reserve-vram, ...) are fixed per process: the low-VRAM part
+runs in a process of its own.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "quantkit_bench_pack"
+# Where the device copy carries ComfyUI (the GPU machine has no ComfyUI installed).
+CARRIED_COMFYUI = REPO_ROOT / ".device" / "comfyui"
+
+
+def comfyui_path() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    candidates = [Path(path)] if path else []
+    candidates.append(CARRIED_COMFYUI)
+    for p in candidates:
+        if (p / "comfy" / "model_management.py").is_file():
+            return p
+    raise RuntimeError("No ComfyUI found: set COMFYUI_PATH (source .ci/env.sh does) or copy a "
+                       f"ComfyUI checkout to {CARRIED_COMFYUI}.")
+
+
+def _stub_video_modules() -> None:
+    # comfy_api imports PyAV for its video types at import time; the benchmark never
+    # touches video, so a machine without PyAV gets an empty stand-in module.
+    if importlib.util.find_spec("av") is not None:
+        return
+    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video",
+                 "av.video.frame", "av.audio", "av.audio.frame"):
+        mod = types.ModuleType(name)
+        mod.__path__ = []
+        mod.__getattr__ = lambda attr: type(attr, (), {})
+        sys.modules.setdefault(name, mod)
+
+
+def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
+    """ComfyUI's modules and the pack's, as one namespace. Idempotent per process."""
+    root = comfyui_path()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    tests = str(REPO_ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)  # tests/standins: ComfyUI's key layouts for stand-in models
+    if "comfy.cli_args" not in sys.modules:
+        _stub_video_modules()
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        saved = sys.argv
+        sys.argv = ["main.py", *(["--cpu"] if cpu else []), *extra_args]
+        try:
+            import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+        finally:
+            sys.argv = saved
+    logging.getLogger().setLevel(logging.WARNING)
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+    import nodes as comfy_nodes
+
+    pack = _load_pack()
+    return types.SimpleNamespace(
+        comfy=sys.modules["comfy"], mm=comfy.model_management, sd=comfy.sd,
+        model_patcher=comfy.model_patcher, comfy_nodes=comfy_nodes, pack=pack, root=root)
+
+
+def _load_pack() -> types.SimpleNamespace:
+    """The pack imported as a package (the way ComfyUI imports a custom node folder)."""
+    if PACK_NAME not in sys.modules:
+        pkg = types.ModuleType(PACK_NAME)
+        pkg.__path__ = [str(REPO_ROOT)]
+        pkg.__file__ = str(REPO_ROOT / "__init__.py")
+        sys.modules[PACK_NAME] = pkg
+
+    def mod(sub):
+        return importlib.import_module(f"{PACK_NAME}.{sub}")
+
+    return types.SimpleNamespace(
+        registry=mod("backends.registry"), base=mod("backends.base"),
+        modules=mod("backends.modules"), gguf_file=mod("backends.gguf_file"),
+        clone_and_quantize=mod("nodes.clone_and_quantize"), load_gguf=mod("nodes.load_gguf"),
+        nodes=mod("nodes"))
+
+
+def versions(env) -> dict:
+    import platform
+
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "comfyui": _comfyui_version(env.root)}
+    for pkg in ("torchao", "bitsandbytes", "optimum.quanto", "gguf", "transformers"):
+        try:
+            m = importlib.import_module(pkg)
+            out[pkg] = getattr(m, "__version__", "?")
+        except Exception as exc:  # a missing backend is reported, not fatal
+            out[pkg] = f"unavailable ({type(exc).__name__})"
+    return out
+
+
+def _comfyui_version(root: Path) -> str:
+    try:
+        text = (root / "comfyui_version.py").read_text()
+        return text.split("=", 1)[1].strip().strip("\"'\n")
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB)"
+    import platform
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} threads)"

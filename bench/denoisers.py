@@ -1,0 +1,134 @@
+"""Denoiser part: every format on every stand-in diffusion model, one sampling step at
+batch 2 (cond + uncond) through BaseModel.apply_model, inside torch.inference_mode."""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import formats as F
+from . import gguf_io, models
+from .measure import free, module_bytes, peak_during, rel_error, sync, time_calls
+from .weights import fill_state_dict
+
+log = logging.getLogger("quantkit.bench")
+BATCH = 2
+
+
+def make_model(env, spec, sd, fmt, device) -> tuple:
+    """(patcher, seconds to build or quantize). Quantized formats go through the pack's
+    Quantize Model node on a bf16 source model, as a workflow does."""
+    if fmt in F.BASELINES:
+        patcher = models.build_diffusion(env, spec, sd, F.BASELINES[fmt], device)
+        sync(device)
+        return patcher, None
+    source = models.build_diffusion(env, spec, sd, torch.bfloat16, device)
+    node = env.pack.nodes.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
+    sync(device)
+    start = time.perf_counter()
+    patcher = node.quantize(source, fmt, spec.recipe, "", "auto")["result"][0]
+    sync(device)
+    seconds = time.perf_counter() - start
+    del source  # its quantized-away weights are freed; kept layers are shared
+    return patcher, seconds
+
+
+def _error_text(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {str(exc).strip()[:400]}{where}"
+
+
+def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, tmpdir):
+    patcher, quant_s = make_model(env, spec, sd, fmt, device)
+    free(device)
+    env.mm.load_models_gpu([patcher])
+    weights = module_bytes(patcher.model.diffusion_model)
+    denoised, extra = peak_during(lambda: models.step(patcher, inputs), device)
+    out = models.raw_output(denoised, inputs)
+    errs = rec.setdefault("rel_err", {}).setdefault(dist, {})
+    if "fp32" in refs:
+        errs["fp32"] = rel_error(out, refs["fp32"])
+    if F.REFERENCE in refs:
+        errs[F.REFERENCE] = rel_error(out, refs[F.REFERENCE])
+    if quant_s is not None:
+        rec.setdefault("quant_s", {})[dist] = quant_s
+    if timing:
+        rec["weight_bytes"] = weights
+        rec["step_peak_bytes"] = None if extra is None else weights + extra
+        rec["step"] = time_calls(lambda: models.step(patcher, inputs), device)
+        if fmt in F.GGUF_LOAD and fmt.startswith("gguf:"):
+            rec["gguf"] = _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir)
+    env.mm.unload_all_models()
+    del patcher
+    return out
+
+
+def _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir) -> dict:
+    path = Path(tmpdir) / f"{spec.key}.gguf"
+    try:
+        size = gguf_io.save_gguf(patcher.model.diffusion_model, path, spec.key, env.pack)
+        loaded = gguf_io.time_load(env, path, device)
+        again = models.raw_output(models.step(loaded["patcher"], inputs), inputs)
+        return {"file_bytes": size, "load_s": loaded["load_s"], "to_device_s": loaded["to_device_s"],
+                "err_vs_in_memory": rel_error(again, out)}
+    except Exception as exc:
+        return {"error": _error_text(exc)}
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def run(env, results, spec, fmts, device, dists, deadline: float):
+    registry = env.pack.registry
+    meta = models.meta_state_dict(spec)
+    inputs = models.denoiser_inputs(spec, BATCH, device)
+    n_params = sum(t.numel() for t in meta.values())
+    with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmpdir:
+        for dist in dists:
+            if time.time() > deadline:
+                break
+            sd = fill_state_dict(meta, dist, device)
+            refs = {}
+            with torch.inference_mode():
+                try:
+                    refs["fp32"] = _fp32_reference(env, spec, sd, inputs, device)
+                except Exception as exc:
+                    log.warning("fp32 reference of %s failed: %s", spec.key, _error_text(exc))
+                for fmt in fmts:
+                    rec = results.record("denoiser", spec.key, fmt)
+                    rec.update(label=spec.label, params=n_params, bits=F.bits(fmt, registry),
+                               latent=spec.latent, batch=BATCH)
+                    problem = F.problem(fmt, registry, device)
+                    if problem:
+                        rec["error"] = problem
+                        continue
+                    if time.time() > deadline:
+                        rec.setdefault("skipped", f"time budget ({dist} weights)")
+                        continue
+                    try:
+                        out = measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs,
+                                             timing=(dist == dists[0]), tmpdir=tmpdir)
+                        if fmt == F.REFERENCE:
+                            refs[F.REFERENCE] = out
+                    except Exception as exc:
+                        rec.setdefault("errors", {})[dist] = _error_text(exc)
+                        log.warning("%s %s (%s): %s", spec.key, fmt, dist, rec["errors"][dist])
+                    finally:
+                        env.mm.unload_all_models()
+                        free(device)
+                        results.save()
+            del sd
+            free(device)
+
+
+def _fp32_reference(env, spec, sd, inputs, device):
+    patcher = models.build_diffusion(env, spec, sd, torch.float32, device)
+    try:
+        return models.raw_output(models.step(patcher, inputs), inputs)
+    finally:
+        del patcher
+        free(device)

@@ -1,0 +1,54 @@
+"""Which formats a run measures: ComfyUI's own baselines and every QuantKit format.
+
+Baselines are not QuantKit formats: 'bf16' / 'fp16' are the unquantized model in that
+dtype, 'comfy:fp8_e4m3fn' is what UNETLoader's weight_dtype=fp8_e4m3fn (and CLIPLoader
+with dtype fp8) builds: fp8 weights with ComfyUI's manual-cast ops.
+"""
+from __future__ import annotations
+
+import torch
+
+BASELINES = {"bf16": torch.bfloat16, "fp16": torch.float16, "comfy:fp8_e4m3fn": torch.float8_e4m3fn}
+REFERENCE = "bf16"
+# Small set for the CPU smoke run: one of each kind that runs on a CPU.
+SMOKE = ("bf16", "comfy:fp8_e4m3fn", "torchao:int8wo", "gguf:Q8_0", "gguf:Q4_K", "quanto:int8")
+# Formats whose GGUF file load time is measured (writing a file costs seconds per model).
+GGUF_LOAD = ("gguf:Q8_0", "gguf:Q4_K")
+
+
+def all_formats(registry) -> list:
+    return list(BASELINES) + list(registry.all_format_ids())
+
+
+def resolve(spec: str, registry) -> list:
+    """'all', 'smoke', or a comma list; 'gguf:*' selects a whole backend. The bf16
+    reference is always measured first (errors are read against it)."""
+    known = all_formats(registry)
+    out = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        if item == "all":
+            out += known
+        elif item == "smoke":
+            out += list(SMOKE)
+        elif item.endswith(":*"):
+            out += [f for f in known if f.startswith(item[:-1])]
+        elif item in known:
+            out.append(item)
+        else:
+            raise SystemExit(f"unknown format {item!r}; known: {', '.join(known)}")
+    out = [REFERENCE] + [f for f in out if f != REFERENCE]
+    return list(dict.fromkeys(out))
+
+
+def problem(format_id: str, registry, device) -> str | None:
+    """Why `format_id` cannot run here (package or hardware), or None."""
+    if format_id in BASELINES:
+        return None
+    adapter, spec = registry.get_format(format_id)
+    return registry.usable_problem(adapter, spec, torch.device(device))
+
+
+def bits(format_id: str, registry) -> float:
+    if format_id in BASELINES:
+        return 8.0 if "fp8" in format_id else 16.0
+    return registry.get_format(format_id)[1].bits_per_weight

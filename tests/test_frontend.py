@@ -1,0 +1,247 @@
+"""The pack in ComfyUI's real frontend (pip `comfyui-frontend-package`), in headless
+Chromium driven by Selenium against a real ComfyUI server: our web extension loads, the
+bundled workflows open with our nodes and their saved widget values, and a run started
+from the UI shows each node's report in a read-only text box that is never saved.
+
+Needs Debian's chromium + chromedriver and the Python package selenium; without them the
+tests fail (they never skip) with the command that installs them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.browser import Browser, MissingBrowser, check_installed, quiet_settings
+from harness.comfy_inprocess import PACK_LINK_NAME
+from harness.comfy_server import ComfyServer
+from harness.locations import REPO_ROOT
+
+pytestmark = pytest.mark.server
+
+OUR_NODES = {
+    "QuantKitQuantizeModel": "Quantize Model",
+    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
+    "QuantKitLoadGGUF": "Load GGUF Model",
+    "QuantKitMemoryReport": "Memory Report",
+}
+EXTENSION_NAME = "QuantKit.ShowText"
+EXTENSION_URL = f"/extensions/{PACK_LINK_NAME}/show_text.js"
+REPORT_WIDGET = "quantkit_report"
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+SCREENSHOT_COPY = Path("/tmp/quantkit_frontend.png")
+
+
+# -- fixtures ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser_tools():
+    try:
+        check_installed()
+    except MissingBrowser as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def server(browser_tools, tmp_path_factory):
+    srv = ComfyServer(tmp_path_factory.mktemp("frontend-server-base"))
+    srv.start()
+    try:
+        quiet_settings(srv)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    b = Browser(width=1600, height=1300, log_dir=tmp_path_factory.mktemp("chromedriver"))
+    try:
+        b.open_comfyui(server.url)
+        yield b
+    finally:
+        b.quit()
+
+
+# -- helpers ----------------------------------------------------------------------------
+def our_console_errors(browser: Browser) -> list[str]:
+    """Console errors that come from our extension (file, URL or extension name)."""
+    marks = (EXTENSION_URL, "show_text.js", EXTENSION_NAME, REPORT_WIDGET)
+    return [e["message"] for e in browser.console_log()
+            if e.get("level") == "SEVERE" and any(m in e.get("message", "") for m in marks)]
+
+
+def graph_nodes(browser: Browser) -> list[dict]:
+    return browser.js("""
+        return app.graph.nodes.map(n => ({
+          id: n.id, type: n.type, title: n.title,
+          registered: !!LiteGraph.registered_node_types[n.type],
+          widgets: (n.widgets ?? []).map(w => ({name: w.name, value: w.value,
+                                                 saved: w.serialize !== false})),
+        }));""")
+
+
+def overlapping_nodes(browser: Browser) -> list[dict]:
+    """Pairs of nodes whose boxes (title included) overlap on the canvas."""
+    return browser.js("""
+        const boxes = app.graph.nodes.map(n => ({id: n.id, title: n.title,
+                                                 box: Array.from(n.boundingRect)}));
+        const hits = [];
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+          const a = boxes[i], b = boxes[j];
+          const [ax, ay, aw, ah] = a.box, [bx, by, bw, bh] = b.box;
+          if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) hits.push({a, b});
+        }
+        return hits;""")
+
+
+def report_box(browser: Browser, node_id: int):
+    """The report widget of a node and its text box as the page shows it (None if absent)."""
+    return browser.js("""
+        const node = app.graph.getNodeById(arguments[0]);
+        const w = node?.widgets?.find(w => w.name === arguments[1]);
+        if (!w) return null;
+        const el = w.inputEl ?? w.element;
+        const out = {value: w.value, serialize: w.serialize, options_serialize: w.options?.serialize,
+                     has_element: !!el};
+        if (el) {
+          const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+          const cx = r.left + r.width / 2, cy = r.top + Math.min(r.height / 2, 12);
+          Object.assign(out, {
+            text: el.value, read_only: el.readOnly, tag: el.tagName,
+            rect: [r.left, r.top, r.width, r.height],
+            viewport: [window.innerWidth, window.innerHeight],
+            shown: cs.display !== "none" && cs.visibility !== "hidden" && el.offsetParent !== null
+                   && Number(cs.opacity) > 0.5,
+            on_top: document.elementFromPoint(cx, cy) === el,
+            font_px: parseFloat(cs.fontSize) * app.canvas.ds.scale,
+          });
+        }
+        return out;""", node_id, REPORT_WIDGET)
+
+
+# -- 1. the page ------------------------------------------------------------------------
+def test_page_loads_with_our_extension(browser, server):
+    assert EXTENSION_URL in server.get("/extensions"), "the server lists our web extension"
+    assert EXTENSION_NAME in browser.js("return app.extensions.map(e => e.name)"), \
+        "show_text.js registered its extension"
+    statuses = browser.js("""
+        return performance.getEntriesByType("resource")
+          .filter(e => new URL(e.name).pathname === arguments[0])
+          .map(e => e.responseStatus ?? 200);""", EXTENSION_URL)
+    assert statuses and all(s == 200 for s in statuses), f"{EXTENSION_URL} fetched: {statuses}"
+    registered = browser.js("return Object.keys(LiteGraph.registered_node_types)")
+    assert set(OUR_NODES) <= set(registered), "our nodes are registered in the page"
+    assert our_console_errors(browser) == [], browser.console_text()
+
+
+# -- 2. the bundled workflows -----------------------------------------------------------
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_bundled_workflow_loads(browser, path):
+    saved = json.loads(path.read_text())
+    browser.load_workflow(saved)
+    nodes = {n["id"]: n for n in graph_nodes(browser)}
+    assert sorted(nodes) == sorted(n["id"] for n in saved["nodes"]), "every node was created"
+    missing = sorted({n["type"] for n in nodes.values() if not n["registered"]})
+    assert missing == [], f"missing node types: {missing}"
+    for s in saved["nodes"]:
+        node = nodes[s["id"]]
+        assert node["type"] == s["type"]
+        expected_title = s.get("title") or OUR_NODES.get(s["type"])
+        if expected_title:
+            assert node["title"] == expected_title, f"node {s['id']} ({s['type']})"
+        # saved values fill the widgets in order (a widget added to a node since the
+        # workflow was saved comes after them, with its default)
+        saved_values = s.get("widgets_values", [])
+        values = [w["value"] for w in node["widgets"] if w["saved"]]
+        assert values[:len(saved_values)] == saved_values, \
+            f"node {s['id']} ({s['type']}) widgets {[w['name'] for w in node['widgets']]}"
+    quantize = [n for n in saved["nodes"] if n["type"] == "QuantKitQuantizeModel"]
+    assert quantize, "the workflow has a Quantize Model node"
+    for s in quantize:
+        fmt = next(w for w in nodes[s["id"]]["widgets"] if w["name"] == "format")
+        assert fmt["value"] == s["widgets_values"][0]
+    reserialized = {n["id"]: n for n in browser.js("return app.graph.serialize().nodes")}
+    for s in saved["nodes"]:
+        saved_values = s.get("widgets_values", [])
+        assert reserialized[s["id"]].get("widgets_values", [])[:len(saved_values)] == saved_values
+    assert overlapping_nodes(browser) == [], "the saved layout has no overlapping nodes"
+    assert our_console_errors(browser) == [], browser.console_text()
+
+
+# -- 3. a run from the UI ---------------------------------------------------------------
+def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
+    saved = json.loads((REPO_ROOT / "workflows" / "sd15_quantized.json").read_text())
+    by_type = {}
+    for n in saved["nodes"]:
+        by_type.setdefault(n["type"], []).append(n["id"])
+    quantize_id = by_type["QuantKitQuantizeModel"][0]
+    report_id = by_type["QuantKitMemoryReport"][0]
+    shown_ids = [n["id"] for n in saved["nodes"] if n["type"] in OUR_NODES]
+
+    browser.load_workflow(saved)
+    browser.js("""  // small and short: CPU. Through the widgets, as a user would.
+        const set = (type, name, v) => {
+          for (const n of app.graph.nodes.filter(n => n.type === type)) {
+            const w = n.widgets.find(w => w.name === name);
+            w.value = v;
+            w.callback?.(v, app.canvas, n);
+          }
+        };
+        set("EmptyLatentImage", "width", 64);
+        set("EmptyLatentImage", "height", 64);
+        set("KSampler", "steps", 1);
+        app.canvas.setDirty(true, true);""")
+    before_values = {n["id"]: n.get("widgets_values") for n in browser.js("return app.graph.serialize().nodes")}
+
+    answer = browser.queue_from_ui()
+    assert not answer.get("node_errors"), answer
+    entry = server.wait(answer["prompt_id"], timeout=600)
+    prompt = entry["prompt"][2]
+    latent = next(v for v in prompt.values() if v["class_type"] == "EmptyLatentImage")
+    assert (latent["inputs"]["width"], latent["inputs"]["height"]) == (64, 64), "the UI sent our edits"
+    reports = {int(k): "\n".join(v["text"]) for k, v in entry["outputs"].items() if v.get("text")}
+    assert quantize_id in reports and report_id in reports, f"ui.text of our nodes: {sorted(reports)}"
+    assert "torchao:int8wo" in reports[quantize_id]
+
+    # the frontend gets `executed` over the websocket; show_text.js adds the text box
+    browser.wait_for(f"[{','.join(map(str, reports))}].every(id => app.graph.getNodeById(id)"
+                     f"?.widgets?.some(w => w.name === '{REPORT_WIDGET}' && w.value))",
+                     timeout=60, what="the report text boxes")
+    scale = browser.frame_nodes()  # the whole graph in view
+    shot = browser.screenshot(tmp_path / "quantkit_frontend.png")
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+
+    for node_id, text in reports.items():
+        box = report_box(browser, node_id)
+        assert box is not None, f"node {node_id} has no {REPORT_WIDGET} widget"
+        assert box["value"] == text, f"node {node_id} shows its ui.text"
+        assert box["has_element"] and box["tag"] == "TEXTAREA", box
+        assert box["text"] == text and box["read_only"], f"node {node_id}: a read-only text box {box}"
+        left, top, width, height = box["rect"]
+        vw, vh = box["viewport"]
+        assert box["shown"] and width > 150 and height > 20, f"node {node_id}: text box shown {box}"
+        assert 0 <= left and left + width <= vw and 0 <= top and top + height <= vh, \
+            f"node {node_id}: text box inside the window {box}"
+        assert box["on_top"], f"node {node_id}: nothing covers the text box {box}"
+        assert box["font_px"] >= 8, f"node {node_id}: readable at scale {scale:.2f} {box}"
+
+    # never saved: not in the workflow (widgets_values) ...
+    after = {n["id"]: n for n in browser.js("return app.graph.serialize().nodes")}
+    serialized = json.dumps(list(after.values()))
+    for node_id, text in reports.items():
+        assert after[node_id].get("widgets_values") == before_values[node_id], \
+            f"node {node_id}: widgets_values unchanged by the report"
+        assert text.splitlines()[0] not in serialized, f"node {node_id}: report text saved in the workflow"
+    # ... nor in the prompt the next Run sends (an extra input changes ComfyUI's cache key,
+    # so the Quantize node would run again on every Run)
+    next_prompt = browser.js_await("return (await app.graphToPrompt()).output;")
+    leaked = {k: sorted(v["inputs"]) for k, v in next_prompt.items()
+              if REPORT_WIDGET in v["inputs"]}
+    assert leaked == {}, f"the report widget is sent as a node input in the next prompt: {leaked}"
+
+    # showing the report must not push our nodes over their neighbours (the text would hide)
+    hits = [h for h in overlapping_nodes(browser)
+            if h["a"]["id"] in shown_ids or h["b"]["id"] in shown_ids]
+    assert hits == [], f"after the run our nodes overlap others: {hits}"
+    assert our_console_errors(browser) == [], browser.console_text()

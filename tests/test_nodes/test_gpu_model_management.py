@@ -1,0 +1,122 @@
+"""On a CUDA GPU, through real ComfyUI: every format that needs or uses the GPU, device moves,
+partial (low-VRAM) loading, and ComfyUI's TorchCompileModel on torchao output.
+Run on the GPU machine: python -m pytest tests -m gpu (the CPU suite deselects these)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.formats import OUTPUT_TOLERANCE
+from harness.tiny_models import sd3_inputs, tiny_sd3_patcher
+
+pytestmark = pytest.mark.gpu
+
+registry = pack_module("backends.registry")
+base = pack_module("backends.base")
+modules = pack_module("backends.modules")
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (python -m pytest tests -m gpu)")
+    return torch.device("cuda")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def gpu_formats():
+    if not torch.cuda.is_available():
+        return registry.all_format_ids()
+    return [s.id for a in registry.adapters().values() for s in a.formats.values()
+            if base.hardware_problem(s, torch.device("cuda")) is None and not a.missing_package()]
+
+
+def run(patcher, inputs):
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher])
+    dev = mm.get_torch_device()
+    with torch.inference_mode():
+        return patcher.model.apply_model(*(inputs[k].to(dev) for k in ("x", "t")),
+                                         c_crossattn=inputs["c_crossattn"].to(dev),
+                                         y=inputs["y"].to(dev)).float().cpu()
+
+
+@pytest.fixture(scope="module")
+def upstream(comfy):
+    _cuda()
+    patcher = tiny_sd3_patcher()
+    inputs = sd3_inputs()
+    return patcher, inputs, run(patcher, inputs)
+
+
+def quantize(comfy, model, fmt, quantize_on="auto"):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
+    return node.quantize(model, fmt, "auto", "", quantize_on)["result"][0]
+
+
+@pytest.mark.parametrize("fmt", gpu_formats())
+def test_format_on_gpu_loads_moves_and_matches(comfy, upstream, fmt):
+    import comfy.model_management as mm
+    patcher, inputs, reference = upstream
+    quantized = quantize(comfy, patcher, fmt)
+    out = run(quantized, inputs)
+    err = rel(out, reference)
+    print(f"{fmt} on {torch.cuda.get_device_name()}: relative output error {err:.4f}")
+    assert torch.isfinite(out).all() and err < OUTPUT_TOLERANCE[fmt]
+    layers = [m for m in quantized.model.modules() if isinstance(m, modules.QuantizedLayer)]
+    assert all(p.is_cuda for l in layers for p in l.parameters()), "loaded onto the GPU"
+    assert quantized.loaded_size() == pytest.approx(quantized.model_size(), rel=0.01)
+    mm.unload_all_models()
+    assert all(not p.is_cuda for l in layers for p in l.parameters()), "offloaded back to RAM"
+    assert torch.equal(run(quantized, inputs), out), "same output after a round trip"
+
+
+def test_quantize_on_gpu_equals_quantize_on_cpu(comfy, upstream):
+    patcher, inputs, _ = upstream
+    on_gpu = run(quantize(comfy, patcher, "gguf:Q8_0", "gpu"), inputs)
+    on_cpu = run(quantize(comfy, patcher, "gguf:Q8_0", "cpu"), inputs)
+    assert rel(on_gpu, on_cpu) < 1e-3
+
+
+def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
+    import comfy.model_management as mm
+    patcher, inputs, _ = upstream
+    quantized = quantize(comfy, patcher, "torchao:int8wo")
+    full = run(quantized, inputs)
+    mm.unload_all_models()
+    weights = sum(t.nelement() * t.element_size() for t in quantized.model.parameters())
+    quantized.patch_model(device_to=torch.device("cuda"), lowvram_model_memory=int(weights * 0.2))
+    try:
+        assert quantized.model.model_lowvram
+        on_gpu = sum(p.is_cuda for p in quantized.model.parameters())
+        assert 0 < on_gpu < len(list(quantized.model.parameters())), "some layers stay in RAM"
+        with torch.inference_mode():
+            dev = torch.device("cuda")
+            partial = quantized.model.apply_model(inputs["x"].to(dev), inputs["t"].to(dev),
+                                                  c_crossattn=inputs["c_crossattn"].to(dev),
+                                                  y=inputs["y"].to(dev)).float().cpu()
+    finally:
+        quantized.unpatch_model(torch.device("cpu"))
+    assert rel(partial, full) < 1e-4
+
+
+def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
+    patcher, inputs, _ = upstream
+    quantized = quantize(comfy, patcher, "torchao:int8wo")
+    pos = [[inputs["c_crossattn"][:1], {"pooled_output": inputs["y"][:1]}]]
+    neg = [[inputs["c_crossattn"][1:], {"pooled_output": inputs["y"][1:]}]]
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+
+    def sample(model):
+        return comfy.KSampler().sample(model, 1, 3, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+    eager = sample(quantized)
+    node = comfy.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+    out = node.execute(quantized, "inductor")
+    compiled_model = out[0] if isinstance(out, tuple) else out.result[0]
+    compiled = sample(compiled_model)
+    print(f"compiled vs eager: {rel(compiled, eager):.2e}")
+    assert rel(compiled, eager) < 2e-2
