@@ -12,6 +12,8 @@ mkdir -p "$QUANTKIT_CACHE"
 
 _qk_hash=$(cat "$_qk_root/.ci/constraints.txt" "$_qk_root/.ci/requirements-dev.txt" "$_qk_root/requirements.txt" | sha256sum | cut -c1-12)
 _qk_venv="$QUANTKIT_CACHE/venv-$_qk_hash"
+exec {_qk_lock}>"$QUANTKIT_CACHE/.env.lock"
+flock "$_qk_lock"  # one builder at a time; the others wait and reuse its result
 if [ ! -f "$_qk_venv/.complete" ]; then
   echo "[quantkit] creating virtual environment $_qk_venv (torch is large: a few minutes)" >&2
   rm -rf "$_qk_venv"
@@ -23,6 +25,15 @@ if [ ! -f "$_qk_venv/.complete" ]; then
   touch "$_qk_venv/.complete"
 fi
 export PATH="$_qk_venv/bin:$PATH"
+# The frontend test drives ComfyUI's real frontend in Debian's headless Chromium.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "[quantkit] installing chromium and chromium-driver (Debian packages)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >&2
+  else
+    echo "[quantkit] the frontend test needs: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
 export QUANTKIT_PYTHON="$_qk_venv/bin/python"
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
@@ -45,6 +56,7 @@ if [ ! -f "$COMFYUI_PATH/main.py" ] || [ ! -d "$COMFYUI_PATH/comfy" ]; then
   exit 1
 fi
 export COMFYUI_PATH
+flock -u "$_qk_lock"
 # Link the pack into custom_nodes/ the way users install it (never overwrite another pack).
 _qk_link="$COMFYUI_PATH/custom_nodes/quantkit"
 if [ ! -e "$_qk_link" ]; then ln -s "$_qk_root" "$_qk_link"; fi

@@ -31,6 +31,12 @@ def comfyui_path() -> Path:
                        f"ComfyUI checkout to {CARRIED_COMFYUI}.")
 
 
+def _stub_attribute(attr: str):
+    if attr.startswith("__"):
+        raise AttributeError(attr)  # no __file__ etc.: inspect must see a module without source
+    return type(attr, (), {})
+
+
 def _stub_video_modules() -> None:
     # comfy_api imports PyAV for its video types at import time; the benchmark never
     # touches video, so a machine without PyAV gets an empty stand-in module.
@@ -40,7 +46,7 @@ def _stub_video_modules() -> None:
                  "av.video.frame", "av.audio", "av.audio.frame"):
         mod = types.ModuleType(name)
         mod.__path__ = []
-        mod.__getattr__ = lambda attr: type(attr, (), {})
+        mod.__getattr__ = _stub_attribute
         sys.modules.setdefault(name, mod)
 
 

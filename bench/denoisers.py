@@ -19,6 +19,12 @@ log = logging.getLogger("quantkit.bench")
 BATCH = 2
 
 
+def timing_options(device) -> dict:
+    if torch.device(device).type == "cuda":
+        return {}
+    return {"warmup": 0, "min_iters": 1, "max_iters": 1}  # CPU smoke: proves it runs, not a timing
+
+
 def make_model(env, spec, sd, fmt, device) -> tuple:
     """(patcher, seconds to build or quantize). Quantized formats go through the pack's
     Quantize Model node on a bf16 source model, as a workflow does."""
@@ -26,7 +32,7 @@ def make_model(env, spec, sd, fmt, device) -> tuple:
         patcher = models.build_diffusion(env, spec, sd, F.BASELINES[fmt], device)
         sync(device)
         return patcher, None
-    source = models.build_diffusion(env, spec, sd, torch.bfloat16, device)
+    source = models.build_diffusion(env, spec, sd, models.compute_dtype(device), device)
     node = env.pack.nodes.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
     sync(device)
     start = time.perf_counter()
@@ -60,7 +66,7 @@ def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: 
     if timing:
         rec["weight_bytes"] = weights
         rec["step_peak_bytes"] = None if extra is None else weights + extra
-        rec["step"] = time_calls(lambda: models.step(patcher, inputs), device)
+        rec["step"] = time_calls(lambda: models.step(patcher, inputs), device, **timing_options(device))
         if fmt in F.GGUF_LOAD and fmt.startswith("gguf:"):
             rec["gguf"] = _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir)
     env.mm.unload_all_models()
@@ -88,8 +94,11 @@ def run(env, results, spec, fmts, device, dists, deadline: float):
     inputs = models.denoiser_inputs(spec, BATCH, device)
     n_params = sum(t.numel() for t in meta.values())
     with tempfile.TemporaryDirectory(prefix="qk-bench-") as tmpdir:
-        for dist in dists:
-            if time.time() > deadline:
+        for i, dist in enumerate(dists):
+            # the first draw also times every format: it gets most of the model's time
+            left = deadline - time.time()
+            dist_deadline = deadline if i == len(dists) - 1 else time.time() + 0.65 * left
+            if left <= 0:
                 break
             sd = fill_state_dict(meta, dist, device)
             refs = {}
@@ -106,7 +115,7 @@ def run(env, results, spec, fmts, device, dists, deadline: float):
                     if problem:
                         rec["error"] = problem
                         continue
-                    if time.time() > deadline:
+                    if time.time() > dist_deadline:
                         rec.setdefault("skipped", f"time budget ({dist} weights)")
                         continue
                     try:

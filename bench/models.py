@@ -18,6 +18,12 @@ from standins import components
 FP8 = torch.float8_e4m3fn
 
 
+def compute_dtype(device) -> torch.dtype:
+    """The dtype quantized models compute in and are quantized from: bf16 on a GPU; fp32
+    on a CPU, as ComfyUI runs diffusion models there (CPUs lack fast bf16 kernels)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 @dataclass(frozen=True)
 class Denoiser:
     key: str
@@ -49,10 +55,10 @@ def _sd15_small() -> dict:
 def denoisers(full: bool) -> dict:
     """Real sizes (full) or reduced ones for CPU runs: same classes, fewer/narrower blocks."""
     sd3_depth, pixart_depth = (24, 28) if full else (4, 1)
-    big = 128 if full else 32
+    big = 128 if full else 16
     specs = [
         Denoiser("sd15", "SD1.5 UNet", "SD15", components.SD15_UNET if full else _sd15_small(), "sd15",
-                 64 if full else 32, 4, 77, 768, None, 1.0),
+                 64 if full else 16, 4, 77, 768, None, 1.0),
         Denoiser("sdxl", "SDXL UNet", "SDXL", components.SDXL_UNET if full else _sdxl_small(), "sdxl",
                  big, 4, 77, 2048, 2816, 1.0),
         Denoiser("sd3", f"SD3-medium MMDiT (depth {sd3_depth})", "SD3", components.sd3_unet(sd3_depth),

@@ -46,11 +46,8 @@ def fill_state_dict(meta_sd: dict, dist: str, device, dtype=torch.float32, seed:
             gen = torch.Generator(device=device)
             gen.manual_seed(standin_fill.tensor_seed(seed, key))
             value = _draw(shape, dist, gen, device)
-        elif kind == standin_fill.ONES:
-            value = torch.ones(shape, device=device)
-        elif kind == standin_fill.ZEROS:
-            value = torch.zeros(shape, device=device)
-        else:
-            value = torch.full(shape, standin_fill._CONSTANTS[key.rsplit(".", 1)[-1]], device=device)
+        else:  # ones, zeros, constants: the stand-in rules' own values
+            chunks = standin_fill.generate(kind, key, meta.numel(), torch.float32, seed, key)
+            value = torch.cat(list(chunks)).reshape(shape).to(device)
         out[key] = value.to(dtype)
     return out

@@ -38,8 +38,11 @@ SCREENSHOT_COPY = Path("/tmp/quantkit_frontend.png")
 def browser_tools():
     try:
         check_installed()
+        problem = None
     except MissingBrowser as e:
-        pytest.fail(str(e), pytrace=False)
+        problem = str(e)
+    if problem:
+        pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -244,4 +247,10 @@ def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
     hits = [h for h in overlapping_nodes(browser)
             if h["a"]["id"] in shown_ids or h["b"]["id"] in shown_ids]
     assert hits == [], f"after the run our nodes overlap others: {hits}"
+
+    # so a second Run, nothing changed, reuses every cached result (nothing re-quantized)
+    again = server.wait(browser.queue_from_ui()["prompt_id"], timeout=600)
+    cached = {str(n) for kind, data in again["status"]["messages"] if kind == "execution_cached"
+              for n in data.get("nodes", [])}
+    assert {str(i) for i in reports} <= cached, f"second Run re-ran our nodes; cached: {sorted(cached)}"
     assert our_console_errors(browser) == [], browser.console_text()

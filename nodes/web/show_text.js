@@ -17,13 +17,16 @@ app.registerExtension({
       if (!widget) {
         widget = ComfyWidgets.STRING(this, WIDGET, ["STRING", { multiline: true }], app).widget;
         widget.serialize = false; // never stored in the workflow's widget values
+        widget.options.serialize = false; // nor sent as an input with the next prompt
         if (widget.inputEl) {
           widget.inputEl.readOnly = true;
           widget.inputEl.style.opacity = 0.85;
         }
       }
       widget.value = text;
-      this.setSize([Math.max(this.size[0], 420), Math.max(this.size[1], this.computeSize()[1])]);
+      const lines = Math.min(text.split("\n").length + 1, 16);
+      widget.options.getMinHeight = () => lines * 14 + 12;
+      this.setSize([this.size[0], Math.max(this.size[1], this.computeSize()[1])]); // grow downwards only
       app.graph.setDirtyCanvas(true, true);
     };
   },

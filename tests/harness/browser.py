@@ -190,11 +190,12 @@ class Browser:
                                f" browser console:\n{self.console_text()}")
         return answer
 
-    def frame_nodes(self, node_ids=None, margin: float = 40.0, max_scale: float = 1.0) -> float:
-        """Pan and zoom the canvas so these nodes (all when None) fill the view; returns the
-        scale. Waits two frames so DOM widgets (text boxes) follow the canvas."""
+    def frame_nodes(self, node_ids=None, margins=(70, 110, 30, 30), max_scale: float = 1.0) -> float:
+        """Pan and zoom the canvas so these nodes (all when None) fill the view, clear of the
+        side bar and the tab bar (margins: left, top, right, bottom in CSS pixels); returns
+        the scale. Waits for frames so DOM widgets (text boxes) follow the canvas."""
         scale = self.js_await("""
-            const ids = arguments[0], margin = arguments[1], maxScale = arguments[2];
+            const ids = arguments[0], [ml, mt, mr, mb] = arguments[1], maxScale = arguments[2];
             const nodes = app.graph.nodes.filter(n => !ids || ids.includes(n.id));
             let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
             for (const n of nodes) {
@@ -205,16 +206,17 @@ class Browser:
             const el = app.canvas.canvas, ds = app.canvas.ds;
             const rect = el.getBoundingClientRect();
             const W = rect.width, H = rect.height;
-            const s = Math.min(maxScale, (W - 2 * margin) / (x1 - x0), (H - 2 * margin) / (y1 - y0));
+            const vw = W - ml - mr, vh = H - mt - mb;
+            const s = Math.min(maxScale, vw / (x1 - x0), vh / (y1 - y0));
             ds.scale = s;
-            ds.offset[0] = (W / s - (x1 - x0)) / 2 - x0;
-            ds.offset[1] = (H / s - (y1 - y0)) / 2 - y0;
+            ds.offset[0] = (ml + (vw - s * (x1 - x0)) / 2) / s - x0;
+            ds.offset[1] = (mt + (vh - s * (y1 - y0)) / 2) / s - y0;
             app.canvas.setDirty(true, true);
             await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
             app.canvas.draw(true, true);
             await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
             await new Promise(r => setTimeout(r, 300));
-            return s;""", node_ids, margin, max_scale)
+            return s;""", node_ids, list(margins), max_scale)
         return scale
 
     def screenshot(self, path: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 # Bump when any recipe, fill rule or file layout changes: stamps from older versions rebuild.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SEED = 20240611
 
 SD3_DEPTH = 2

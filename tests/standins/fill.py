@@ -8,6 +8,7 @@ name, so values do not depend on which other tensors a file holds or their order
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Iterator
 
@@ -21,10 +22,17 @@ NORMAL, ONES, ZEROS, CONST = "normal", "ones", "zeros", "const"
 # CLIP's temperature (ln 100): unused for text encoding but kept plausible.
 _CONSTANTS = {"logit_scale": math.log(100.0)}
 
+# T5 applies no 1/sqrt(d) before its softmax (trained weights absorb it). With N(0, 0.02)
+# projections its attention logits would have std ~13: saturated, so the output flips with
+# any rounding, which no real T5 does. Scaling the attention's input norm by 1/4 brings the
+# logits to std ~0.8 (0.25 is exact in float8).
+_T5_ATTENTION_NORM = re.compile(r"(^|\.)block\.\d+\.layer\.0\.layer_norm\.weight$")
+T5_ATTENTION_NORM_SCALE = 0.25
+
 
 def init_kind(key: str, shape: tuple[int, ...]) -> str:
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in _CONSTANTS:
+    if leaf in _CONSTANTS or _T5_ATTENTION_NORM.search(key):
         return CONST
     if leaf == "bias" or leaf.endswith("_bias") or leaf == "beta":
         return ZEROS
@@ -53,7 +61,7 @@ def generate(kind: str, key: str, numel: int, dtype: torch.dtype, seed: int, see
             done += n
         return
     if kind == CONST:
-        value = _CONSTANTS[key.rsplit(".", 1)[-1]]
+        value = T5_ATTENTION_NORM_SCALE if _T5_ATTENTION_NORM.search(key) else _CONSTANTS[key.rsplit(".", 1)[-1]]
     elif kind == ONES:
         value = 1.0
     elif kind == ZEROS:

@@ -18,8 +18,11 @@ modules = pack_module("backends.modules")
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
 
 # Minimum cosine similarity of the conditioning vs the unquantized encoder, by bits stored.
-def min_cosine(bits: float) -> float:
-    for limit, bound in ((7.9, 0.995), (5.9, 0.98), (4.9, 0.95), (3.9, 0.85), (2.9, 0.7)):
+# T5-XXL is 24 layers deep (CLIP-L 12): errors compound, so its floor is lower.
+def min_cosine(bits: float, deep: bool = False) -> float:
+    table = ((7.9, 0.99), (5.9, 0.97), (4.9, 0.93), (3.9, 0.8), (2.9, 0.6)) if deep else \
+        ((7.9, 0.995), (5.9, 0.98), (4.9, 0.95), (3.9, 0.85), (2.9, 0.7))
+    for limit, bound in table:
         if bits >= limit:
             return bound
     return 0.4
@@ -124,8 +127,8 @@ def test_pixart_t5xxl(comfy, t5_clip, fmt):
     print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel(cond, ref_cond):.4f}; "
           f"{before / 2**30:.2f} GiB -> {new.patcher.model_size() / 2**30:.2f} GiB")
     assert torch.isfinite(cond).all()
-    assert cosine(cond, ref_cond) >= min_cosine(bits)
-    assert new.patcher.model_size() <= before * (bits / 8) * 1.05  # stored fp8 -> bits
+    assert cosine(cond, ref_cond) >= min_cosine(bits, deep=True)
+    assert new.patcher.model_size() <= before * (bits / 8) * 1.07  # stored fp8 -> bits
     assert torch.equal(encode(clip, PROMPTS[0])[0], ref_cond), "the input CLIP still encodes as before"
 
 
@@ -138,7 +141,7 @@ def test_sd3_auto_quantizes_t5_and_clip_l_not_clip_g(comfy):
     assert "clip_g" not in text
     cond, pooled = encode(new, PROMPTS[0])
     print(f"sd3 auto: cosine {cosine(cond, ref_cond):.5f}, pooled {cosine(pooled, ref_pooled):.5f}")
-    assert cosine(cond, ref_cond) >= 0.99 and cosine(pooled, ref_pooled) >= 0.99
+    assert cosine(cond, ref_cond) >= min_cosine(8, deep=True) and cosine(pooled, ref_pooled) >= 0.995
     with pytest.raises(errors.QuantKitError, match="holds only clip_l, clip_g, t5xxl"):
         quantize(comfy, load_family_clip("sd15"), "torchao:int8wo", "t5xxl")
 
