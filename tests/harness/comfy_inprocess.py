@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 import types
 from pathlib import Path
@@ -47,7 +48,8 @@ def register_bare_pack(name: str, alias: str = "quantkit") -> None:
 
 
 def start_comfyui(base_dir: Path, extra_args=()):
-    """Import ComfyUI with --cpu and our base directory; load built-in and our nodes.
+    """Import ComfyUI (--cpu unless QUANTKIT_TEST_DEVICE=gpu) with our base directory; load
+    built-in and our nodes.
     Returns ComfyUI's `nodes` module."""
     root = comfyui_path()
     if str(root) not in sys.path:
@@ -55,7 +57,8 @@ def start_comfyui(base_dir: Path, extra_args=()):
     import comfy.options
     comfy.options.enable_args_parsing()
     saved_argv = sys.argv
-    sys.argv = ["main.py", "--cpu", "--base-directory", str(base_dir), *extra_args]
+    device_args = [] if os.environ.get("QUANTKIT_TEST_DEVICE") == "gpu" else ["--cpu"]
+    sys.argv = ["main.py", *device_args, "--base-directory", str(base_dir), *extra_args]
     try:
         import comfy.cli_args  # noqa: F401  (parses argv once)
         import folder_paths  # noqa: F401

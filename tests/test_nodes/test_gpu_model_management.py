@@ -1,6 +1,6 @@
 """On a CUDA GPU, through real ComfyUI: every format that needs or uses the GPU, device moves,
 partial (low-VRAM) loading, and ComfyUI's TorchCompileModel on torchao output.
-Run on the GPU machine: python -m pytest tests -m gpu (the CPU suite deselects these)."""
+Run on the GPU machine: bash .ci/gpu_tests (the CPU suite deselects these)."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +19,7 @@ modules = pack_module("backends.modules")
 
 def _cuda():
     if not torch.cuda.is_available():
-        pytest.fail("needs a CUDA GPU: run on the GPU machine (python -m pytest tests -m gpu)")
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     return torch.device("cuda")
 
 

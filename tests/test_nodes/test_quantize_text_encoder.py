@@ -156,3 +156,32 @@ def test_unknown_clip_type_is_an_error(comfy, sd15):
     clip.cond_stage_model = torch.nn.Module()  # a CLIP from some other model family
     with pytest.raises(errors.QuantKitError, match="holds no encoder"):
         quantize(comfy, clip, "torchao:int8wo")
+
+
+@pytest.mark.slow
+def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
+    """The output CLIP plugs into ComfyUI's family-specific encode nodes."""
+    import comfy.sd
+    from harness.standin_clips import te_path
+    text = PROMPTS[0]
+    sdxl = load_family_clip("sdxl")
+    q_sdxl, _ = quantize(comfy, sdxl, "gguf:Q8_0", "all")
+    node = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncodeSDXL"]
+    args = dict(width=1024, height=1024, crop_w=0, crop_h=0, target_width=1024, target_height=1024,
+                text_g=text, text_l=text)
+    call = getattr(node, "execute", None) or node().encode
+    ref, out = call(clip=sdxl, **args), call(clip=q_sdxl, **args)
+    ref, out = (r[0] if isinstance(r, tuple) else r.result[0] for r in (ref, out))
+    assert cosine(out[0][0], ref[0][0]) > 0.99
+    assert cosine(out[0][1]["pooled_output"], ref[0][1]["pooled_output"]) > 0.99
+
+    sd3 = comfy.sd.load_clip([te_path("qk_clip_l.safetensors"), te_path("qk_clip_g.safetensors")],
+                             clip_type=comfy.sd.CLIPType.SD3)  # no T5: ComfyUI fills zeros
+    q_sd3, _ = quantize(comfy, sd3, "torchao:int8wo", "clip_l+clip_g")
+    node = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncodeSD3"]
+    call = getattr(node, "execute", None) or node().encode
+    args = dict(clip_l=text, clip_g=text, t5xxl=text, empty_padding="none")
+    ref, out = call(clip=sd3, **args), call(clip=q_sd3, **args)
+    ref, out = (r[0] if isinstance(r, tuple) else r.result[0] for r in (ref, out))
+    assert out[0][0].shape == ref[0][0].shape
+    assert cosine(out[0][0], ref[0][0]) > 0.99
