@@ -73,9 +73,9 @@ class TorchAOAdapter(BackendAdapter):
         from torchao.quantization.utils import groupwise_affine_quantize_tensor
         w = w.to(torch.bfloat16)
         int_data, scales_and_zeros = groupwise_affine_quantize_tensor(w, 4, INT4_GROUP, torch.bfloat16)
-        int_data = int_data.to(torch.uint8)
-        packed_u8 = (int_data[:, ::2] << 4 | int_data[:, 1::2]).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        if int_data.shape[1] == w.shape[1]:  # older torchao: one value a byte, pack pairs here
+            int_data = (int_data[:, ::2] << 4 | int_data[:, 1::2])
+        packed = torch.ops.aten._convert_weight_to_int4pack(int_data.to(torch.uint8).contiguous(), 8)
         return {"weight": packed, "scales_and_zeros": scales_and_zeros.contiguous()}
 
     # -- dequantize -----------------------------------------------------------------

@@ -31,25 +31,6 @@ def comfyui_path() -> Path:
                        f"ComfyUI checkout to {CARRIED_COMFYUI}.")
 
 
-def _stub_attribute(attr: str):
-    if attr.startswith("__"):
-        raise AttributeError(attr)  # no __file__ etc.: inspect must see a module without source
-    return type(attr, (), {})
-
-
-def _stub_video_modules() -> None:
-    # comfy_api imports PyAV for its video types at import time; the benchmark never
-    # touches video, so a machine without PyAV gets an empty stand-in module.
-    if importlib.util.find_spec("av") is not None:
-        return
-    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video",
-                 "av.video.frame", "av.audio", "av.audio.frame"):
-        mod = types.ModuleType(name)
-        mod.__path__ = []
-        mod.__getattr__ = _stub_attribute
-        sys.modules.setdefault(name, mod)
-
-
 def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
     """ComfyUI's modules and the pack's, as one namespace. Idempotent per process."""
     root = comfyui_path()
@@ -59,7 +40,8 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
     if tests not in sys.path:
         sys.path.append(tests)  # tests/standins: ComfyUI's key layouts for stand-in models
     if "comfy.cli_args" not in sys.modules:
-        _stub_video_modules()
+        from harness.video_stub import stub_video_modules_if_missing
+        stub_video_modules_if_missing()
         import comfy.options
         comfy.options.enable_args_parsing()
         saved = sys.argv
@@ -105,12 +87,12 @@ def versions(env) -> dict:
     import torch
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "comfyui": _comfyui_version(env.root)}
-    for pkg in ("torchao", "bitsandbytes", "optimum.quanto", "gguf", "transformers"):
+    from importlib import metadata
+    for pkg in ("torchao", "bitsandbytes", "optimum-quanto", "gguf", "transformers"):
         try:
-            m = importlib.import_module(pkg)
-            out[pkg] = getattr(m, "__version__", "?")
-        except Exception as exc:  # a missing backend is reported, not fatal
-            out[pkg] = f"unavailable ({type(exc).__name__})"
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
     return out
 
 

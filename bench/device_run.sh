@@ -18,7 +18,9 @@ for part in $parts; do
   models_var=BENCH_MODELS_${part^^}
   models=${!models_var:-}
   echo "=== $part (limit ${limit}s) $(date +%T)" | tee -a "$out/log.txt"
+  fmts_var=BENCH_FORMATS_${part^^}
   fmts=(); case $part in denoisers|encoders) fmts=(--formats "$FORMATS");; esac
+  [ -n "${!fmts_var:-}" ] && fmts=(--formats "${!fmts_var}")
   timeout -k 10 "$limit" python3 "$root/bench/run.py" --gpu-full --parts "$part" \
     ${models:+--models "$models"} "${fmts[@]}" --budget-s $((limit - 25)) \
     --out "$out/$part.json" >> "$out/log.txt" 2>&1

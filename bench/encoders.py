@@ -45,8 +45,8 @@ def run(env, results, spec, fmts, device, dists, deadline: float):
     for dist in dists:
         if time.time() > deadline:
             break
-        # T5-XXL in fp32 would be 19 GB before the model itself: generate it in fp16
-        sd = fill_state_dict(meta, dist, device, dtype=torch.float16 if spec.key == "t5xxl" else torch.float32)
+        # fp32 values: ComfyUI's T5 loader never stores wider than the file's dtype
+        sd = fill_state_dict(meta, dist, device)
         with torch.inference_mode():
             refs = {}
             try:

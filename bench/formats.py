@@ -11,9 +11,9 @@ import torch
 BASELINES = {"bf16": torch.bfloat16, "fp16": torch.float16, "comfy:fp8_e4m3fn": torch.float8_e4m3fn}
 REFERENCE = "bf16"
 # Small set for the CPU smoke run: one of each kind that runs on a CPU.
-SMOKE = ("bf16", "comfy:fp8_e4m3fn", "torchao:int8wo", "gguf:Q8_0", "gguf:Q4_K", "quanto:int8")
+SMOKE = ("bf16", "comfy:fp8_e4m3fn", "torchao:int8wo", "gguf:Q8_0", "gguf:Q4_0", "quanto:int8")
 # Formats whose GGUF file load time is measured (writing a file costs seconds per model).
-GGUF_LOAD = ("gguf:Q8_0", "gguf:Q4_K")
+GGUF_LOAD = ("gguf:Q8_0", "gguf:Q4_K", "gguf:Q4_0")
 
 
 def all_formats(registry) -> list:

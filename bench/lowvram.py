@@ -84,12 +84,11 @@ def run(env, results, device, formats_arg, steps, deadline: float):
                 comfy.sample.sample(timed, noise, steps, 6.0, "euler", "normal", positive, negative, latent)
             sync(device)
             step_s, batch = _step_seconds(label)
-            loaded = env.mm.loaded_models()
             rec.update(step_s=step_s, total_s=time.perf_counter() - start, batch_per_call=batch, steps=steps,
                        peak_bytes=torch.cuda.max_memory_allocated(), quant_s=quant_s,
                        model_bytes=timed.model_size(), loaded_bytes=timed.loaded_size(),
                        note=f"{(timed.model_size() - timed.loaded_size()) / 2**20:.0f} MiB offloaded, batch {batch}")
-            del patcher, timed, loaded
+            del patcher, timed
         except Exception as exc:
             rec.setdefault("errors", {})["normal"] = _error_text(exc)
             log.warning("lowvram %s: %s", variant, rec["errors"]["normal"])

@@ -46,7 +46,7 @@ SMOKE_PIPELINE = Pipeline("sd3", "sd3", "SD3", ("clip_l",), "vae_sd3", 128, 4.5,
 # variant -> (diffusion weight dtype, text-encoder dtype, QuantKit format or None)
 VARIANTS = {
     "default": ("default", "default", None),
-    "comfy:fp8_e4m3fn": ("fp8_e4m3fn", "fp8_e4m3fn", None),
+    "comfy:fp8_e4m3fn": ("float8_e4m3fn", "float8_e4m3fn", None),
     "torchao:int8wo": ("default", "default", "torchao:int8wo"),
     "gguf:Q8_0": ("default", "default", "gguf:Q8_0"),
 }
@@ -268,16 +268,18 @@ def run_variant(env, executor, pipe, variant, steps, device, rec):
     rec["note"] = f"cond+uncond batch {batch}" if batch else ""
 
 
-def run(env, results, keys, full: bool, device, steps, deadline: float):
+def run(env, results, keys, full: bool, device, steps, deadline: float, variants=None):
     env.comfy_nodes.NODE_CLASS_MAPPINGS.update(BENCH_NODES)
     env.comfy_nodes.NODE_CLASS_MAPPINGS.update(env.pack.nodes.NODE_CLASS_MAPPINGS)
     specs = models.denoisers(full)
-    steps = steps or (20 if full else 2)
+    steps = steps or (20 if full else 1)
     for key in keys:
         pipe = PIPELINES[key] if full else SMOKE_PIPELINE
         _CONTEXT.update(env=env, device=device, pipeline=pipe, denoiser=specs[pipe.denoiser])
         executor = _executor()  # one per pipeline: the loaders' outputs are shared by its variants
-        for variant in (VARIANTS if full else SMOKE_VARIANTS):
+        for variant in variants or (VARIANTS if full else SMOKE_VARIANTS):
+            if variant not in VARIANTS:
+                continue
             rec = results.record("pipeline", key, variant)
             rec["label"] = f"{specs[pipe.denoiser].label}, {pipe.size}², {'+'.join(pipe.encoders)}"
             if time.time() > deadline:

@@ -42,8 +42,13 @@ def load_merged(paths) -> dict:
     metas, by_key = [], {}
     for p in paths:
         data = json.loads(Path(p).read_text())
-        metas.append(data["meta"])
+        metas += data["metas"] if "metas" in data else [data["meta"]]  # merged files merge again
         for rec in data["records"]:
             key = (rec["part"], rec["model"], rec["format"])
-            by_key.setdefault(key, {}).update(rec)
+            merged = by_key.setdefault(key, {})
+            if rec.get("step") or rec.get("rel_err") or rec.get("step_s"):
+                for stale in ("skipped", "errors", "error"):  # a later measurement replaces them
+                    if stale not in rec:
+                        merged.pop(stale, None)
+            merged.update(rec)
     return {"metas": metas, "records": list(by_key.values())}

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     for p in parts:
         if p not in PARTS:
             raise SystemExit(f"unknown part {p!r}; parts: {', '.join(PARTS)}")
-    budget = args.budget_s or (150 if args.smoke else 3600)
+    budget = args.budget_s or (120 if args.smoke else 3600)
     deadline = time.time() + budget
     out = args.out or DEFAULT_OUT / f"bench-{'full' if full else 'smoke'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
@@ -79,30 +79,33 @@ def main(argv=None) -> int:
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = R.base_meta(command, comfy_env.device_name(), comfy_env.versions(env), parts, full)
     result = R.ResultFile(out, meta)
-    fmts = F.resolve(args.formats or ("smoke" if not full else "all"), env.pack.registry)
+    fmts = F.resolve(args.formats or ("smoke" if not full else "all"), env.pack.registry) \
+        if any(p in parts for p in ("denoisers", "encoders")) else []
     dists = [d for d in args.dists.split(",") if d]
 
-    for part in parts:
-        part_deadline = deadline
+    for n, part in enumerate(parts):
+        # each part gets an equal share of what is left (the low-VRAM part ran apart)
+        part_deadline = time.time() + (deadline - time.time()) / (len(parts) - n)
         if part == "denoisers":
             from bench import denoisers, models
             specs = models.denoisers(full)
-            keys = _pick(args.models, specs, default=("sd3", "sdxl") if not full else tuple(specs))
+            keys = _pick(args.models, specs, default=("sd3",) if not full else tuple(specs))
             for i, key in enumerate(keys):
                 # share what is left fairly between the models still to run
-                share = (deadline - time.time()) / (len(keys) - i)
+                share = (part_deadline - time.time()) / (len(keys) - i)
                 denoisers.run(env, result, specs[key], fmts, device, dists, time.time() + share)
         elif part == "encoders":
             from bench import encoders, models
             keys = _pick(args.models, models.ENCODERS, default=("clip_l",) if not full else tuple(models.ENCODERS))
-            efmts = fmts if full else ["fp16", "torchao:int8wo"]
+            efmts, edists = (fmts, dists) if full or args.formats else (["fp16", "quanto:int8"], dists[:1])
             for i, key in enumerate(keys):
-                share = (deadline - time.time()) / (len(keys) - i)
-                encoders.run(env, result, models.ENCODERS[key], efmts, device, dists, time.time() + share)
+                share = (part_deadline - time.time()) / (len(keys) - i)
+                encoders.run(env, result, models.ENCODERS[key], efmts, device, edists, time.time() + share)
         elif part == "pipelines":
             from bench import pipelines
             keys = _pick(args.models, pipelines.PIPELINES, default=("sd3",) if not full else tuple(pipelines.PIPELINES))
-            pipelines.run(env, result, keys, full, device, args.steps, part_deadline)
+            pipelines.run(env, result, keys, full, device, args.steps, part_deadline,
+                          variants=args.formats.split(",") if args.formats else None)
         elif part == "lowvram":
             from bench import lowvram
             lowvram.run(env, result, device, args.formats, args.steps, part_deadline)

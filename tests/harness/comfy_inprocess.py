@@ -54,6 +54,8 @@ def start_comfyui(base_dir: Path, extra_args=()):
     root = comfyui_path()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    from .video_stub import stub_video_modules_if_missing
+    stub_video_modules_if_missing()
     import comfy.options
     comfy.options.enable_args_parsing()
     saved_argv = sys.argv

@@ -88,7 +88,7 @@ def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
     full = run(quantized, inputs)
     mm.unload_all_models()
     weights = sum(t.nelement() * t.element_size() for t in quantized.model.parameters())
-    quantized.patch_model(device_to=torch.device("cuda"), lowvram_model_memory=int(weights * 0.2))
+    quantized.patch_model(device_to=torch.device("cuda"), lowvram_model_memory=int(weights * 0.6))
     try:
         assert quantized.model.model_lowvram
         on_gpu = sum(p.is_cuda for p in quantized.model.parameters())
@@ -120,3 +120,31 @@ def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
     compiled = sample(compiled_model)
     print(f"compiled vs eager: {rel(compiled, eager):.2e}")
     assert rel(compiled, eager) < 2e-2
+
+
+def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
+    """ComfyUI may create a >1 GB text encoder directly on a roomy GPU; quantizing it must not
+    leave a second full copy there, and encoding with the copy loads only the copy."""
+    import comfy.model_management as mm
+    from comfy.sd import CLIPType, load_text_encoder_state_dicts
+    from harness.tiny_models import fill_state_dict
+    from standins import components
+    _cuda()
+    sds = [fill_state_dict(components.clip_l(), seed=1, heavy=False),
+           fill_state_dict(components.clip_g(), seed=2, heavy=False)]  # SDXL's pair, 1.6 GB
+    clip = load_text_encoder_state_dicts(sds, clip_type=CLIPType.STABLE_DIFFUSION)
+    upstream = sum(t.nelement() * t.element_size() for t in clip.cond_stage_model.state_dict().values())
+    tokens = clip.tokenize("a lighthouse on a cliff")
+    clip.encode_from_tokens(tokens)
+    mm.unload_all_models()
+    torch.cuda.empty_cache()
+    base_alloc = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]()
+    new = node.quantize(clip, "torchao:int8wo", "all")["result"][0]
+    new.encode_from_tokens(tokens)
+    ours = new.patcher.model_size()
+    peak = torch.cuda.max_memory_allocated() - base_alloc
+    print(f"upstream {upstream / 2**30:.2f} GiB, quantized {ours / 2**30:.2f} GiB, peak added {peak / 2**30:.2f} GiB")
+    assert ours < upstream * 0.75
+    assert peak < ours + 0.5 * 2**30, "only the quantized copy (plus activations) sits on the GPU"

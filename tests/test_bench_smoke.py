@@ -1,0 +1,31 @@
+"""The benchmark's CI-sized run (CPU, reduced sizes): it runs and writes a usable JSON.
+Not a timed test: speed targets live in bench/, not here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.locations import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_bench_smoke_run_writes_results(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    records = data["records"]
+    bf16 = [r for r in records if r.get("part") == "denoiser" and r.get("format") == "bf16"]
+    assert bf16 and bf16[0]["step"]["median_s"] > 0 and bf16[0]["weight_bytes"] > 0
+    quantized = [r for r in records if r.get("part") == "denoiser" and ":" in r.get("format", "")
+                 and "step" in r]
+    assert quantized, "at least one quantized format was measured"
+    assert any(r["weight_bytes"] < bf16[0]["weight_bytes"] for r in quantized)
+    assert any(r.get("part") == "pipeline" and r.get("step_s") for r in records)
+    assert "format" in proc.stdout.splitlines()[-1] or proc.stdout.strip(), "a table is printed"
