@@ -28,4 +28,4 @@ def test_bench_smoke_run_writes_results(tmp_path):
     assert quantized, "at least one quantized format was measured"
     assert any(r["weight_bytes"] < bf16[0]["weight_bytes"] for r in quantized)
     assert any(r.get("part") == "pipeline" and r.get("step_s") for r in records)
-    assert "format" in proc.stdout.splitlines()[-1] or proc.stdout.strip(), "a table is printed"
+    assert "bf16" in proc.stdout, "the table is printed"
