@@ -20,16 +20,16 @@ def gguf_tensors(root: nn.Module) -> dict:
             raise FormatUnsupported(f"Layer {name} is {layer.spec.id}; only gguf:* layers can be "
                                     f"written to a .gguf file. Quantize with a gguf format first.")
         prefix = f"{name}." if name else ""
-        tensors[prefix + "weight"] = (layer.spec.name, layer.weight.detach(), tuple(layer.weight_shape))
+        tensors[prefix + "weight"] = (layer.spec.name, layer.weight.detach().cpu(), tuple(layer.weight_shape))
         if layer.bias is not None:
-            tensors[prefix + "bias"] = ("F32", layer.bias.detach().float(), tuple(layer.bias.shape))
+            tensors[prefix + "bias"] = ("F32", layer.bias.detach().float().cpu(), tuple(layer.bias.shape))
     for name, module in root.named_modules():
         if name in quantized or any(name.startswith(q + ".") for q in quantized if q):
             continue
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for pname, tensor in own:
             key = f"{name}.{pname}" if name else pname
-            tensors[key] = ("F32", tensor.detach().float().contiguous(), tuple(tensor.shape))
+            tensors[key] = ("F32", tensor.detach().float().cpu().contiguous(), tuple(tensor.shape))
     return tensors
 
 

@@ -12,25 +12,7 @@ from .measure import sync
 
 def save_gguf(diffusion_model: torch.nn.Module, path: Path, arch: str, pack) -> int:
     """Quantized GGUF layers keep their blocks; everything else is stored as F32."""
-    layer_type = pack.modules.QuantizedLayer
-    tensors = {}
-    quantized = {n for n, m in diffusion_model.named_modules() if isinstance(m, layer_type)}
-    for name, module in diffusion_model.named_modules():
-        if name in quantized:
-            if module.spec.backend != "gguf":
-                raise ValueError(f"{name} is {module.spec.id}: only gguf layers can be saved as GGUF")
-            tensors[f"{name}.weight"] = (module.spec.name, module.weight.detach().cpu(),
-                                         tuple(module.weight_shape))
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = ("F32", module.bias.detach().float().cpu(), tuple(module.bias.shape))
-            continue
-        if any(name.startswith(q + ".") for q in quantized):
-            continue
-        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for pname, p in own:
-            key = f"{name}.{pname}" if name else pname
-            tensors[key] = ("F32", p.detach().float().cpu().contiguous(), tuple(p.shape))
-    pack.gguf_file.write_gguf(path, tensors, {"general.name": path.stem}, arch=arch)
+    pack.gguf_export.save_gguf(diffusion_model, path, arch, {"general.name": path.stem})
     return path.stat().st_size
 
 

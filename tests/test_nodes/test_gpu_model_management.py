@@ -148,3 +148,25 @@ def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
     print(f"upstream {upstream / 2**30:.2f} GiB, quantized {ours / 2**30:.2f} GiB, peak added {peak / 2**30:.2f} GiB")
     assert ours < upstream * 0.75
     assert peak < ours + 0.5 * 2**30, "only the quantized copy (plus activations) sits on the GPU"
+
+
+@pytest.mark.parametrize("fmt", ["torchao:fp8dq", "torchao:int4wo"])
+def test_cuda_only_formats_on_text_encoders(comfy, fmt):
+    import torch.nn.functional as F
+    from comfy.sd import CLIPType, load_text_encoder_state_dicts
+    from harness.tiny_models import fill_state_dict
+    from standins import components
+    _cuda()
+    sds = [fill_state_dict(components.clip_l(), seed=1, heavy=False),
+           fill_state_dict(components.clip_g(), seed=2, heavy=False)]
+    clip = load_text_encoder_state_dicts(sds, clip_type=CLIPType.STABLE_DIFFUSION)
+    tokens = clip.tokenize("a lighthouse on a cliff at sunset")
+    ref, ref_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]()
+    new = node.quantize(clip, fmt, "all")["result"][0]
+    out, pooled = new.encode_from_tokens(tokens, return_pooled=True)
+    cos = F.cosine_similarity(out.float().flatten(), ref.float().flatten(), dim=0).item()
+    print(f"{fmt} on SDXL's CLIP-L + CLIP-G: cosine {cos:.5f}")
+    assert torch.isfinite(out).all()
+    assert cos > (0.99 if "fp8" in fmt else 0.9)
+    assert new.patcher.model_size() < clip.patcher.model_size()
