@@ -79,11 +79,6 @@ class BackendAdapter(ABC):
 
         return import_problem(self.package, self.pip_requirement, self.name)
 
-    def check_format(self, fmt: str, device: torch.device) -> FormatSpec:
-        from .registry import check_usable
-
-        return check_usable(self, fmt, device)
-
     # -- the work -----------------------------------------------------------------
     @abstractmethod
     def quantize(self, weight: torch.Tensor, spec: FormatSpec) -> Parts:
