@@ -12,6 +12,7 @@ from quantkit.backends import registry
 from quantkit.backends.base import hardware_problem, parts_nbytes
 from quantkit.backends.bnb_backend import BitsAndBytesAdapter
 from quantkit.backends.errors import BackendUnavailable
+from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = BitsAndBytesAdapter()
 FOUR_BIT = ["nf4", "nf4dq", "fp4", "fp4dq"]
@@ -19,24 +20,6 @@ ALL = FOUR_BIT + ["int8"]
 # Relative Frobenius error bounds (Gaussian, heavy-tailed); measured about 10 % below.
 BOUNDS = {"nf4": (0.10, 0.14), "nf4dq": (0.10, 0.14), "fp4": (0.135, 0.21),
           "fp4dq": (0.135, 0.21), "int8": (0.009, 0.025)}
-
-
-def gaussian(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * 0.02
-
-
-def heavy_tailed(shape, seed=1):
-    """Student-t with 3 degrees of freedom, scaled to std 0.02."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((3, *shape), generator=g).pow(2).sum(0)
-    t = z / (chi2 / 3).sqrt()
-    return t / t.std() * 0.02
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def spec(name):

@@ -12,29 +12,12 @@ from quantkit.backends import registry
 from quantkit.backends.base import hardware_problem, parts_nbytes
 from quantkit.backends.errors import BackendUnavailable
 from quantkit.backends.quanto_backend import QuantoAdapter, unpack_int4
+from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = QuantoAdapter()
 ALL = ["int8", "fp8", "int4"]
 # Relative Frobenius error bounds (Gaussian, heavy-tailed); measured about 10 % below.
 BOUNDS = {"int8": (0.009, 0.025), "fp8": (0.029, 0.028), "int4": (0.11, 0.19)}
-
-
-def gaussian(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * 0.02
-
-
-def heavy_tailed(shape, seed=1):
-    """Student-t with 3 degrees of freedom, scaled to std 0.02."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((3, *shape), generator=g).pow(2).sum(0)
-    t = z / (chi2 / 3).sqrt()
-    return t / t.std() * 0.02
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def spec(name):
