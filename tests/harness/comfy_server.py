@@ -133,7 +133,15 @@ class ComfyServer:
         while time.time() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(f"ComfyUI died while running the prompt:\n{self.log_tail()}")
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}")
+            except (ConnectionError, urllib.error.URLError) as exc:
+                time.sleep(1)
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise ServerError(f"ComfyUI died while running the prompt (exit code "
+                                      f"{self.proc.returncode}; -9 is usually the out-of-memory "
+                                      f"killer):\n{self.log_tail()}") from exc
+                raise
             entry = hist.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]

@@ -167,7 +167,7 @@ def test_unknown_clip_type_is_an_error(comfy, sd15):
 @pytest.mark.slow
 def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
     """The output CLIP plugs into ComfyUI's family-specific encode nodes."""
-    import comfy.sd
+    from comfy.sd import CLIPType, load_clip
     from harness.standin_clips import te_path
     text = PROMPTS[0]
     sdxl = load_family_clip("sdxl")
@@ -181,8 +181,8 @@ def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
     assert cosine(out[0][0], ref[0][0]) > 0.99
     assert cosine(out[0][1]["pooled_output"], ref[0][1]["pooled_output"]) > 0.99
 
-    sd3 = comfy.sd.load_clip([te_path("qk_clip_l.safetensors"), te_path("qk_clip_g.safetensors")],
-                             clip_type=comfy.sd.CLIPType.SD3)  # no T5: ComfyUI fills zeros
+    sd3 = load_clip([te_path("qk_clip_l.safetensors"), te_path("qk_clip_g.safetensors")],
+                    clip_type=CLIPType.SD3)  # no T5: ComfyUI fills zeros
     q_sd3, _ = quantize(comfy, sd3, "torchao:int8wo", "clip_l+clip_g")
     node = comfy.NODE_CLASS_MAPPINGS["CLIPTextEncodeSD3"]
     call = getattr(node, "execute", None) or node().encode
