@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.comfy_inprocess import PACK_LINK_NAME
+from harness.comfy_inprocess import PACK_LINK_NAME, PACK_NODES
 from harness.comfy_server import ComfyServer, ServerError
 from harness.locations import REPO_ROOT
 from harness.workflow_api import to_api
@@ -15,12 +15,7 @@ from harness import workflow_builder
 
 pytestmark = pytest.mark.server
 
-OUR_NODES = {
-    "QuantKitQuantizeModel": "Quantize Model",
-    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
-    "QuantKitLoadGGUF": "Load GGUF Model",
-    "QuantKitMemoryReport": "Memory Report",
-}
+OUR_NODES = PACK_NODES
 
 
 @pytest.fixture(scope="module")

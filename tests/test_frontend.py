@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from harness.browser import Browser, MissingBrowser, check_installed, quiet_settings
-from harness.comfy_inprocess import PACK_LINK_NAME
+from harness.comfy_inprocess import PACK_LINK_NAME, PACK_NODES
 from harness.comfy_server import ComfyServer
 from harness.locations import REPO_ROOT
 
 pytestmark = pytest.mark.server
 
-OUR_NODES = {
-    "QuantKitQuantizeModel": "Quantize Model",
-    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
-    "QuantKitLoadGGUF": "Load GGUF Model",
-    "QuantKitMemoryReport": "Memory Report",
-}
+OUR_NODES = PACK_NODES
 EXTENSION_NAME = "QuantKit.ShowText"
 EXTENSION_URL = f"/extensions/{PACK_LINK_NAME}/show_text.js"
 REPORT_WIDGET = "quantkit_report"

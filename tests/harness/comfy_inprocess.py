@@ -13,6 +13,12 @@ from pathlib import Path
 from .locations import REPO_ROOT, comfyui_path
 
 PACK_LINK_NAME = "ComfyUI-QuantKit-under-test"  # not the repo's folder name, on purpose
+PACK_NODES = {  # node id -> display name: what users see, and what workflows store
+    "QuantKitQuantizeModel": "Quantize Model",
+    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
+    "QuantKitLoadGGUF": "Load GGUF Model",
+    "QuantKitMemoryReport": "Memory Report",
+}
 
 
 def pack_module_name(base_dir: Path) -> str:
