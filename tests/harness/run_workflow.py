@@ -21,6 +21,8 @@ from harness.comfy_server import ComfyServer  # noqa: E402
 from harness.workflow_api import to_api  # noqa: E402
 
 SIZE_INPUTS = ("width", "height")
+# Keep a 24 GB machine's RAM in bounds: SDXL's UNet in bf16, PixArt's T5 stored as fp8.
+SERVER_ARGS = {"sdxl": ["--bf16-unet"], "pixart": ["--fp8_e4m3fn-text-enc"]}
 
 
 def shrink(prompt: dict, size: int, steps: int) -> dict:
@@ -37,7 +39,8 @@ def shrink(prompt: dict, size: int, steps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workflow", required=True, type=Path)
-    ap.add_argument("--size", type=int, default=256, help="image width and height (default 256)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image width and height (default 256; PixArt 320, its smallest)")
     ap.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
     ap.add_argument("--as-is", action="store_true", help="keep the workflow's own size and steps")
     ap.add_argument("--output", type=Path, default=Path("output"), help="where images are copied")
@@ -45,12 +48,13 @@ def main(argv=None) -> int:
 
     workflow = json.loads(args.workflow.read_text())
     base = Path(tempfile.mkdtemp(prefix="quantkit-run-"))
-    with ComfyServer(base) as server:
+    family = args.workflow.name.split("_")[0]
+    with ComfyServer(base, extra_args=SERVER_ARGS.get(family, [])) as server:
         print(f"ComfyUI {server.get('/system_stats')['system']['comfyui_version']} at {server.url} "
               f"(log: {server.log_path})")
         prompt = to_api(workflow, server.object_info())
         if not args.as_is:
-            shrink(prompt, args.size, args.steps)
+            shrink(prompt, args.size or (320 if family == "pixart" else 256), args.steps)
         start = time.time()
         entry = server.run(prompt, timeout=3600)
         print(f"ran {args.workflow.name} in {time.time() - start:.1f} s")
