@@ -68,7 +68,7 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
                                target=label, exclude=exclude or None,
                                run_device=source.load_device, work_device=device,
                                weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress)
-        done[0] += sum(1 for _ in report.layers)
+        done[0] += len(report.layers)
         reports.append(report)
     reset_loaded_state(new_root, source.offload_device)
     new_root.to(source.offload_device)

@@ -12,6 +12,7 @@ from quantkit.backends import registry
 from quantkit.backends.base import hardware_problem, parts_nbytes
 from quantkit.backends.errors import BackendUnavailable
 from quantkit.backends.quanto_backend import QuantoAdapter, unpack_int4
+from harness.backend_checks import check_plain_parts_with_honest_size, check_round_trip
 from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = QuantoAdapter()
@@ -40,26 +41,12 @@ def test_format_ids_are_the_api():
 @pytest.mark.parametrize("dist", ["gaussian", "heavy_tailed"])
 @pytest.mark.parametrize("name", ALL)
 def test_round_trip_error(name, dist):
-    w = gaussian((256, 512)) if dist == "gaussian" else heavy_tailed((256, 512))
-    _, back = round_trip(w, name)
-    err = rel_err(back, w)
-    bound = BOUNDS[name][dist == "heavy_tailed"]
-    print(f"quanto:{name} {dist}: relative error {err:.4f} (bound {bound})")
-    assert back.shape == w.shape and back.dtype == torch.float32
-    assert err < bound
+    check_round_trip(ADAPTER, name, dist, BOUNDS[name][dist == "heavy_tailed"])
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_parts_are_plain_tensors_with_honest_size(name):
-    w = gaussian((256, 512))
-    parts = ADAPTER.quantize(w, spec(name))
-    assert "weight" in parts
-    for key, t in parts.items():
-        assert type(t) is torch.Tensor, key
-        assert not t.requires_grad and t.is_contiguous(), key
-    bits = parts_nbytes(parts) * 8 / w.numel()
-    print(f"quanto:{name}: {bits:.4f} bits per weight stored (spec {spec(name).bits_per_weight})")
-    assert bits == pytest.approx(spec(name).bits_per_weight, rel=0.02)
+    check_plain_parts_with_honest_size(ADAPTER, name, parts_nbytes)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import pack_module
-from harness.gguf_files import save_diffusion_model_gguf
 from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
 
 modules = pack_module("backends.modules")
 errors = pack_module("backends.errors")
+save_gguf = pack_module("backends.gguf_export").save_gguf
 
 
 def rel(a, b):
@@ -25,7 +25,7 @@ def gguf_file(comfy, base_dir):
     folder = base_dir / "models" / "diffusion_models"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "qk_tiny_sd3_Q4_K.gguf"
-    save_diffusion_model_gguf(quantized, path, "sd3", modules.QuantizedLayer)
+    save_gguf(quantized.model.diffusion_model, path, "sd3", {"general.name": path.stem})
     return path, quantized
 
 
