@@ -28,3 +28,19 @@ def check_plain_parts_with_honest_size(adapter, name: str, parts_nbytes) -> None
     bits = parts_nbytes(parts) * 8 / w.numel()
     print(f"{spec.id}: {bits:.4f} bits per weight stored (spec {spec.bits_per_weight:.4f})")
     assert bits == pytest.approx(spec.bits_per_weight, rel=0.02)
+
+
+def check_missing_package_message(adapter, fmt: str, requirement: str, registry, error_type) -> None:
+    """A copy of the adapter pointed at a package that does not exist: clear install advice."""
+    import copy
+    broken = copy.copy(adapter)
+    broken.package = f"{adapter.package}_not_installed_xyz"
+    registry._IMPORT_CACHE.clear()
+    try:
+        with pytest.raises(error_type) as info:
+            registry.check_usable(broken, fmt, "cpu")
+    finally:
+        registry._IMPORT_CACHE.clear()
+    message = str(info.value)
+    assert requirement in message and "pip install" in message
+    assert adapter.missing_package() is None

@@ -2,7 +2,6 @@
 with bitsandbytes' own modules and dequantization on the same weights."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from quantkit.backends import registry
 from quantkit.backends.base import hardware_problem, parts_nbytes
 from quantkit.backends.bnb_backend import BitsAndBytesAdapter
 from quantkit.backends.errors import BackendUnavailable
-from harness.backend_checks import check_plain_parts_with_honest_size, check_round_trip
+from harness.backend_checks import (check_missing_package_message,
+                                    check_plain_parts_with_honest_size, check_round_trip)
 from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = BitsAndBytesAdapter()
@@ -179,24 +179,14 @@ def test_runs_on_cpu_as_claimed(name):
 
 
 def test_missing_package_gives_clear_message():
-    broken = copy.copy(ADAPTER)
-    broken.package = "bitsandbytes_not_installed_xyz"
-    registry._IMPORT_CACHE.clear()
-    try:
-        with pytest.raises(BackendUnavailable) as info:
-            registry.check_usable(broken, "nf4", "cpu")
-    finally:
-        registry._IMPORT_CACHE.clear()
-    message = str(info.value)
-    assert "bitsandbytes>=0.45.0" in message and "pip install" in message
-    assert ADAPTER.missing_package() is None
+    check_missing_package_message(ADAPTER, "nf4", "bitsandbytes>=0.45.0", registry, BackendUnavailable)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_path(name):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     s = spec(name)
     w = heavy_tailed((512, 1024)).cuda()
     parts = ADAPTER.quantize(w, s)
@@ -227,7 +217,7 @@ def test_cuda_path(name):
 def test_cuda_matches_bnb_modules(name):
     """bnb's own Linear4bit / Linear8bitLt on the GPU against our parts and linear()."""
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     import bitsandbytes as bnb
 
     s = spec(name)

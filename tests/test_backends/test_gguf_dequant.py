@@ -8,7 +8,7 @@ import torch
 
 from conftest import pack_module
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a test dependency (.ci/requirements-dev.txt): missing means failing, not skipping
 from gguf.quants import dequantize as np_dequantize  # noqa: E402
 from gguf.quants import quantize as np_quantize  # noqa: E402
 

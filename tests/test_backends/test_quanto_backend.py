@@ -2,7 +2,6 @@
 with quanto's own quantized tensors and modules on the same weights."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from quantkit.backends import registry
 from quantkit.backends.base import hardware_problem, parts_nbytes
 from quantkit.backends.errors import BackendUnavailable
 from quantkit.backends.quanto_backend import QuantoAdapter, unpack_int4
-from harness.backend_checks import check_plain_parts_with_honest_size, check_round_trip
+from harness.backend_checks import (check_missing_package_message,
+                                    check_plain_parts_with_honest_size, check_round_trip)
 from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = QuantoAdapter()
@@ -146,24 +146,14 @@ def test_runs_on_cpu_as_claimed(name):
 
 
 def test_missing_package_gives_clear_message():
-    broken = copy.copy(ADAPTER)
-    broken.package = "optimum.quanto_not_installed_xyz"
-    registry._IMPORT_CACHE.clear()
-    try:
-        with pytest.raises(BackendUnavailable) as info:
-            registry.check_usable(broken, "int8", "cpu")
-    finally:
-        registry._IMPORT_CACHE.clear()
-    message = str(info.value)
-    assert "optimum-quanto>=0.2.6" in message and "pip install" in message
-    assert ADAPTER.missing_package() is None
+    check_missing_package_message(ADAPTER, "int8", "optimum-quanto>=0.2.6", registry, BackendUnavailable)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_path(name):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     s = spec(name)
     w = heavy_tailed((512, 1024))
     parts = ADAPTER.quantize(w.cuda(), s)
