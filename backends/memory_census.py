@@ -71,14 +71,23 @@ class TreeCensus:
             figures[key] = figures.get(key, 0) + entry.stored_bytes
 
 
+def _layout_tensors(t) -> list:
+    """The scales and other tensors beside a core QuantizedTensor's data: a dict
+    `_layout_params` (ComfyUI 0.8-0.1x) or a dataclass `_params` (comfy-kitchen, 0.33)."""
+    params = getattr(t, "_layout_params", None)
+    if params is None:
+        params = getattr(t, "_params", None)
+        params = vars(params) if params is not None and hasattr(params, "__dict__") else {}
+    return [v for v in params.values() if isinstance(v, torch.Tensor)]
+
+
 def _foreign_format(t: torch.Tensor) -> Optional[Tuple[str, int, int, torch.Tensor]]:
     """(format, stored bytes, logical elements, data tensor) for quantized tensor types that
     other code puts into models, recognised by their attributes; None for plain tensors."""
     qdata = getattr(t, "_qdata", None)  # ComfyUI's QuantizedTensor (comfy.quant_ops)
     if isinstance(qdata, torch.Tensor):
-        params = getattr(t, "_layout_params", None) or {}
-        extra = sum(_nbytes(v) for v in params.values() if isinstance(v, torch.Tensor))
-        layout = getattr(t, "_layout_type", "quantized")
+        extra = sum(_nbytes(v) for v in _layout_tensors(t))
+        layout = getattr(t, "_layout_cls", None) or getattr(t, "_layout_type", "quantized")
         fmt = f"{dtype_name(qdata.dtype)} ({getattr(layout, '__name__', layout)})"
         return fmt, _nbytes(qdata) + extra, t.shape.numel(), qdata
     ggml_type = getattr(t, "tensor_type", None)  # ComfyUI-GGUF's GGMLTensor: raw GGUF blocks

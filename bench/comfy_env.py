@@ -40,8 +40,8 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
     if tests not in sys.path:
         sys.path.append(tests)  # tests/standins: ComfyUI's key layouts for stand-in models
     if "comfy.cli_args" not in sys.modules:
-        from harness.video_stub import stub_video_modules_if_missing
-        stub_video_modules_if_missing()
+        from harness.media_stubs import stub_media_modules_if_missing
+        stub_media_modules_if_missing()
         import comfy.options
         comfy.options.enable_args_parsing()
         saved = sys.argv

@@ -3,8 +3,6 @@ weight storage), quantize chosen subtrees of the clone, and wrap it in a new pat
 The source patcher, its model and ComfyUI's cache of them are never modified."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 import comfy.lora
@@ -15,7 +13,9 @@ from ..backends.clone import clone_tree
 from ..backends.errors import QuantKitError
 from ..backends.quantize import QUANTIZABLE, quantize_tree
 from ..backends.recipes import get_recipe
-from .comfy_layers import LAYER_CLASSES, adopt_patcher, reset_loaded_state
+from .comfy_layers import LAYER_CLASSES
+from .comfy_patcher import (is_loader_state, new_quantized_patcher, reset_loader_state_defaults,
+                            settle_stored_dtypes)
 
 QUANTIZE_ON = ["auto", "cpu", "gpu"]
 
@@ -42,7 +42,8 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
         return bk.weight if bk is not None else data
 
     new_root = clone_tree(root, weight_source=original,
-                          share=[getattr(root, "current_patcher", None)])
+                          drop=lambda attr: is_loader_state(attr) or attr == "quantkit_reports")
+    reset_loader_state_defaults(new_root)
     baked = set()
     total = sum(sum(isinstance(m, QUANTIZABLE) for m in _subtree(new_root, path).modules())
                 for path, _, _ in targets)
@@ -70,12 +71,13 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
                                weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress)
         done[0] += len(report.layers)
         reports.append(report)
-    reset_loaded_state(new_root, source.offload_device)
+    settle_stored_dtypes(new_root)
     new_root.to(source.offload_device)
+    new_root.device = source.offload_device
     new_root.quantkit_reports = list(getattr(root, "quantkit_reports", [])) + [r.to_dict() for r in reports]
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return adopt_patcher(source, new_root, baked), reports
+    return new_quantized_patcher(source, new_root, baked), reports
 
 
 def _subtree(root, path):

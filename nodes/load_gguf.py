@@ -13,7 +13,8 @@ from ..backends.gguf_file import FLOAT_TYPES, read_gguf
 from ..backends.modules import QuantizedLayer, make_quantized
 from ..backends.registry import get_format
 from ..backends.report import KEPT, QUANTIZED, LayerRecord, QuantReport
-from .comfy_layers import LAYER_CLASSES, adopt_patcher
+from .comfy_layers import LAYER_CLASSES
+from .comfy_patcher import classic_patcher_kwargs, new_quantized_patcher, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder
 
 GGUF_FOLDER = "quantkit_gguf"
@@ -39,7 +40,8 @@ def load_gguf_model(path: str):
     start = time.perf_counter()
     contents = read_gguf(path)
     sd = build_state_dict(contents)
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": gguf_loading_ops()})
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": gguf_loading_ops()},
+                                                       **classic_patcher_kwargs(comfy.sd.load_diffusion_model_state_dict))
     if patcher is None:
         raise MalformedFile(f"{path}: ComfyUI does not recognise this model's architecture "
                             f"(GGUF architecture '{contents.architecture}'). Load GGUF Model reads "
@@ -64,11 +66,12 @@ def load_gguf_model(path: str):
     for n, m in diffusion.named_modules():
         if getattr(m, "gguf_weight", None) is None and hasattr(m, "has_bias") and m.weight is None:
             raise MalformedFile(f"{path}: layer {n} got no weight from the file.")
+    settle_stored_dtypes(patcher.model)
     report.other_bytes = sum(p.nelement() * p.element_size() for n, p in diffusion.named_parameters()
                              if not _in_quantized(diffusion, n))
     report.seconds = time.perf_counter() - start
     patcher.model.quantkit_reports = [report.to_dict()]
-    return adopt_patcher(patcher, patcher.model), report
+    return new_quantized_patcher(patcher, patcher.model), report
 
 
 def _tensor_lookup(contents):

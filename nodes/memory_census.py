@@ -25,6 +25,8 @@ class Component:
     loaded_on: Optional[str]  # the device ComfyUI loaded it for; None when not loaded
     quantkit_reports: list  # QuantReport.to_dict() of each Quantize node that made it
     wired: bool
+    loaded_bytes: int = 0  # what ComfyUI says it has loaded onto the device (patcher.loaded_size())
+    dynamic: bool = False  # loaded by Dynamic VRAM: weights stay in RAM, the GPU holds staged copies
 
 
 @dataclass
@@ -69,26 +71,30 @@ def loaded_patchers() -> list:
     return found
 
 
-def _component(name, module, loaded_on, wired) -> Component:
+def _component(name, module, loaded, wired) -> Component:
+    """`loaded`: (patcher, device) when ComfyUI has the model loaded, else None."""
+    patcher, device = loaded if loaded else (None, None)
+    dynamic = bool(patcher is not None and getattr(patcher, "is_dynamic", lambda: False)())
     return Component(name=name, model_class=type(module).__name__, census=census_tree(module),
-                     loaded_on=loaded_on, quantkit_reports=list(getattr(module, "quantkit_reports", [])),
-                     wired=wired)
+                     loaded_on=device, quantkit_reports=list(getattr(module, "quantkit_reports", [])),
+                     wired=wired, loaded_bytes=int(patcher.loaded_size()) if patcher is not None else 0,
+                     dynamic=dynamic)
 
 
 def collect_components(wired: dict) -> List[Component]:
-    loaded = [(module_of(p), dev) for p, dev in loaded_patchers()]
-    loaded_device = {id(module): dev for module, dev in loaded}
+    loaded = {id(module_of(p)): (p, dev) for p, dev in loaded_patchers()}
     components, seen = [], set()
     for name in WIRED_MODELS:
         module = module_of(wired[name]) if wired.get(name) is not None else None
         if module is None or id(module) in seen:
             continue
         seen.add(id(module))
-        components.append(_component(name, module, loaded_device.get(id(module)), wired=True))
-    for module, dev in loaded:
-        if id(module) not in seen:
-            seen.add(id(module))
-            components.append(_component(type(module).__name__, module, dev, wired=False))
+        components.append(_component(name, module, loaded.get(id(module)), wired=True))
+    for module_id, (patcher, dev) in loaded.items():
+        if module_id not in seen:
+            seen.add(module_id)
+            module = module_of(patcher)
+            components.append(_component(type(module).__name__, module, (patcher, dev), wired=False))
     return components
 
 

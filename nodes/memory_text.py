@@ -70,7 +70,10 @@ def component_lines(c: Component, has_gpu: bool) -> List[str]:
              f"  {format_count(cen.parameters)} parameters, {format_bytes(cen.stored_bytes)} stored; "
              f"at 16 bits {format_bytes(cen.bytes_at_16bit)}: {verb} {format_bytes(abs(saving))}{share}",
              f"  formats: {_by_size(cen.bytes_by_format)}"]
-    if has_gpu:
+    if has_gpu and c.dynamic:
+        lines.append(f"  Dynamic VRAM: weights kept in RAM ({_by_size(cen.bytes_by_device)}); "
+                     f"ComfyUI has {format_bytes(c.loaded_bytes)} of them staged on the GPU")
+    elif has_gpu:
         lines.append(f"  on GPU {format_bytes(cen.gpu_bytes)}, offloaded to RAM "
                      f"{format_bytes(cen.offloaded_bytes)} (by device: {_by_size(cen.bytes_by_device)})")
     else:

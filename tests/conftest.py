@@ -3,6 +3,7 @@ ComfyUI is available in-process (session fixture `comfy`) and as a server (`serv
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,13 @@ register_bare_pack(PACK)
 def pack_module(sub: str):
     """A module of the pack, as ComfyUI loaded it (e.g. 'nodes.comfy_layers')."""
     return importlib.import_module(f"{PACK}.{sub}")
+
+
+def pytest_report_header(config):
+    from harness.locations import comfyui_version
+    mode = os.environ.get("QUANTKIT_TEST_DEVICE", "cpu")
+    args = os.environ.get("QUANTKIT_SERVER_ARGS", "")
+    return f"QuantKit under ComfyUI {comfyui_version()} on {mode} {args}".rstrip()
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def our_console_errors(browser: Browser) -> list[str]:
 def graph_nodes(browser: Browser) -> list[dict]:
     return browser.js("""
         return app.graph.nodes.map(n => ({
-          id: n.id, type: n.type, title: n.title,
+          id: Number(n.id), type: n.type, title: n.title,  // ids are strings in frontend 1.4x
           registered: !!LiteGraph.registered_node_types[n.type],
           widgets: (n.widgets ?? []).map(w => ({name: w.name, value: w.value,
                                                  saved: w.serialize !== false})),
@@ -159,7 +159,7 @@ def test_bundled_workflow_loads(browser, path):
     for s in quantize:
         fmt = next(w for w in nodes[s["id"]]["widgets"] if w["name"] == "format")
         assert fmt["value"] == s["widgets_values"][0]
-    reserialized = {n["id"]: n for n in browser.js("return app.graph.serialize().nodes")}
+    reserialized = {int(n["id"]): n for n in browser.js("return app.graph.serialize().nodes")}
     for s in saved["nodes"]:
         saved_values = s.get("widgets_values", [])
         assert reserialized[s["id"]].get("widgets_values", [])[:len(saved_values)] == saved_values
@@ -190,7 +190,7 @@ def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
         set("EmptyLatentImage", "height", 64);
         set("KSampler", "steps", 1);
         app.canvas.setDirty(true, true);""")
-    before_values = {n["id"]: n.get("widgets_values") for n in browser.js("return app.graph.serialize().nodes")}
+    before_values = {int(n["id"]): n.get("widgets_values") for n in browser.js("return app.graph.serialize().nodes")}
 
     answer = browser.queue_from_ui()
     assert not answer.get("node_errors"), answer

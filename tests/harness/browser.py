@@ -146,10 +146,11 @@ class Browser:
         for key, value in QUIET_LOCAL_STORAGE.items():
             self.js("localStorage.setItem(arguments[0], arguments[1]);", key, value)
         self.driver.get(url)
-        self.wait_for("window.app && window.app.graph && window.app.canvas && window.LiteGraph && "
+        # !!: the page's objects are circular and cannot travel back to the test as values
+        self.wait_for("!!(window.app && window.app.graph && window.app.canvas && window.LiteGraph && "
                       "Object.keys(window.LiteGraph.registered_node_types).length > 0 && "
                       "window.app.extensions && window.app.extensions.length > 0 && "
-                      "window.comfyAPI && window.comfyAPI.api",
+                      "window.comfyAPI && window.comfyAPI.api)",
                       timeout=timeout, what="ComfyUI's app object")
         time.sleep(1.0)  # extensions finish their setup; the default graph settles
 

@@ -53,6 +53,30 @@ def register_bare_pack(name: str, alias: str = "quantkit") -> None:
         sys.modules[f"{alias}.{sub}"] = module
 
 
+def dynamic_vram_wanted() -> bool:
+    """What ComfyUI's main.py decides from the arguments on an NVIDIA GPU (0.16+; False
+    before, and on the CPU)."""
+    import torch
+    import comfy.cli_args
+    decide = getattr(comfy.cli_args, "enables_dynamic_vram", None)
+    return bool(decide and decide() and torch.version.cuda)  # no device query before aimdo
+
+
+def enable_dynamic_vram_as_main_does() -> None:
+    """main.py turns Dynamic VRAM on (comfy-aimdo) before serving; an in-process ComfyUI
+    must do the same, or tests on a GPU would only ever see the classic patcher."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+    devices = [(d.index, 0) for d in mm.get_all_torch_devices()]
+    if not comfy_aimdo.control.init_devices(devices):
+        raise RuntimeError("comfy-aimdo did not initialise: Dynamic VRAM cannot be tested here")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    logging.info("QuantKit tests: Dynamic VRAM enabled as ComfyUI's main.py does")
+
+
 def start_comfyui(base_dir: Path, extra_args=()):
     """Import ComfyUI (--cpu unless QUANTKIT_TEST_DEVICE=gpu) with our base directory; load
     built-in and our nodes.
@@ -60,19 +84,25 @@ def start_comfyui(base_dir: Path, extra_args=()):
     root = comfyui_path()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from .video_stub import stub_video_modules_if_missing
-    stub_video_modules_if_missing()
+    from .media_stubs import stub_media_modules_if_missing
+    stub_media_modules_if_missing()
     import comfy.options
     comfy.options.enable_args_parsing()
     saved_argv = sys.argv
-    device_args = [] if os.environ.get("QUANTKIT_TEST_DEVICE") == "gpu" else ["--cpu"]
-    sys.argv = ["main.py", *device_args, "--base-directory", str(base_dir), *extra_args]
+    from .comfy_server import device_args
+    sys.argv = ["main.py", *device_args(), "--base-directory", str(base_dir), *extra_args]
     try:
         import comfy.cli_args  # noqa: F401  (parses argv once)
+        dynamic = dynamic_vram_wanted()
+        if dynamic:  # main.py does this before anything touches CUDA
+            import comfy_aimdo.control
+            comfy_aimdo.control.init()
         import folder_paths  # noqa: F401
         import nodes
     finally:
         sys.argv = saved_argv
+    if dynamic:
+        enable_dynamic_vram_as_main_does()
     logging.getLogger().setLevel(logging.INFO)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     link = base_dir / "custom_nodes" / PACK_LINK_NAME

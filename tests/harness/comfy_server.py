@@ -17,7 +17,16 @@ from typing import Optional
 from .comfy_inprocess import make_base_dir
 from .locations import comfyui_path, standins_path
 
+SERVER_MAIN = Path(__file__).resolve().parent / "server_main.py"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "clip", "vae", "loras", "unet")
+
+
+def device_args() -> list:
+    """--cpu, unless QUANTKIT_TEST_DEVICE=gpu; then QUANTKIT_SERVER_ARGS (e.g.
+    --disable-dynamic-vram) picks the GPU mode, ComfyUI's defaults without it."""
+    if os.environ.get("QUANTKIT_TEST_DEVICE") != "gpu":
+        return ["--cpu"]
+    return os.environ.get("QUANTKIT_SERVER_ARGS", "").split()
 
 
 class ServerError(RuntimeError):
@@ -55,7 +64,7 @@ class ComfyServer:
     # -- lifecycle ----------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         paths = write_model_paths(self.base_dir / "extra_model_paths.yaml", self.models_root)
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, str(SERVER_MAIN), *device_args(), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--extra-model-paths-config", str(paths),
                "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

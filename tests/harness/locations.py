@@ -26,3 +26,15 @@ def comfyui_path() -> Path:
 def standins_path() -> Path:
     default = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "standins"
     return Path(os.environ.get("QUANTKIT_STANDINS", default))
+
+
+def comfyui_version() -> str:
+    """The version in ComfyUI's comfyui_version.py ('unknown' for checkouts without one)."""
+    try:
+        text = (comfyui_path() / "comfyui_version.py").read_text()
+    except (OSError, MissingComfyUI):
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"

@@ -61,3 +61,39 @@ def denoise(patcher, inputs: dict) -> torch.Tensor:
     with torch.inference_mode():
         return patcher.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"],
                                          y=inputs["y"]).float().clone()
+
+
+def tiny_lora(patcher, seed=3, rank=4):
+    """A LoRA on three quantized Linear layers, strong enough to see through 4-bit noise."""
+    targets = ["diffusion_model.joint_blocks.0.x_block.attn.qkv",
+               "diffusion_model.joint_blocks.1.context_block.mlp.fc1",
+               "diffusion_model.joint_blocks.2.x_block.attn.proj"]
+    sd = patcher.model.state_dict()
+    lora = {}
+    for i, key in enumerate(targets):
+        out_f, in_f = sd[key + ".weight"].shape
+        lora[f"{key}.lora_up.weight"] = heavy_tailed((out_f, rank), seed + i, std=0.6).half()
+        lora[f"{key}.lora_down.weight"] = heavy_tailed((rank, in_f), seed + 10 + i, std=0.6).half()
+    return lora, targets
+
+
+def with_lora(model, lora):
+    import comfy.sd
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    return patched
+
+
+def sample_eager_and_compiled(comfy_nodes, model, inputs: dict, steps: int = 2):
+    """(eager latent, compiled latent, compiled MODEL): a short KSampler run on the tiny
+    SD3 before and after ComfyUI's TorchCompileModel node (inductor)."""
+    pos = [[inputs["c_crossattn"][:1], {"pooled_output": inputs["y"][:1]}]]
+    neg = [[inputs["c_crossattn"][1:], {"pooled_output": inputs["y"][1:]}]]
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+
+    def sample(m):
+        return comfy_nodes.KSampler().sample(m, 1, steps, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+    eager = sample(model)
+    out = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"].execute(model, "inductor")
+    compiled_model = out[0] if isinstance(out, tuple) else out.result[0]
+    return eager, sample(compiled_model), compiled_model

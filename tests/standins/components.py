@@ -8,6 +8,7 @@ which applies each family's `process_*_state_dict_for_saving`, for checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Dict
 
@@ -16,6 +17,29 @@ import torch
 from .comfy_import import import_comfy
 
 META = torch.device("meta")
+
+
+@contextlib.contextmanager
+def meta_build(device_context: bool = True):
+    """Build on the meta device with layers that create their weights: under Dynamic VRAM
+    (ComfyUI 0.16+, aimdo enabled) core's layers start without weights until loaded, and a
+    model built that way would have no weight names to read."""
+    try:
+        import comfy.memory_management as memory
+    except ImportError:  # ComfyUI before 0.16
+        memory = None
+    saved = getattr(memory, "aimdo_enabled", None)
+    if saved is not None:
+        memory.aimdo_enabled = False
+    try:
+        if device_context:
+            with META:
+                yield
+        else:
+            yield
+    finally:
+        if saved is not None:
+            memory.aimdo_enabled = saved
 
 # Diffusion-model configs as ComfyUI's detection reports them for the real models
 # (comfy/model_detection.py: unet_config_from_diffusers_unet for SD1.5/SDXL, detect_unet_config
@@ -71,14 +95,15 @@ def diffusion_model(class_name: str, unet_config: dict, dtype: torch.dtype):
     """ComfyUI BaseModel (wrapper with .diffusion_model) built on the meta device."""
     cfg = _model_config(class_name, unet_config, dtype)
     try:
-        with META:  # also catches tensors a constructor creates without a device argument
+        with meta_build():  # also catches tensors a constructor creates without a device argument
             return cfg.get_model({}, "", device=META)
     except RuntimeError as e:
         if "meta" not in str(e):
             raise
     # Some constructors compute with tensors (PixArt: torch.linspace(...).item()): build with
     # device=meta only; the few small tensors they create without it land on the CPU.
-    return cfg.get_model({}, "", device=META)
+    with meta_build(device_context=False):
+        return cfg.get_model({}, "", device=META)
 
 
 def detected_class(state_dict: Dict[str, torch.Tensor]) -> tuple[str, dict]:
@@ -122,7 +147,7 @@ def clip_l(dtype=torch.float16) -> Dict[str, torch.Tensor]:
     """Standalone CLIP-L (the format CLIPLoader/DualCLIPLoader/TripleCLIPLoader read)."""
     import_comfy()
     import comfy.sd1_clip
-    with META:
+    with meta_build():
         m = comfy.sd1_clip.SDClipModel(device=META, dtype=dtype)
     return dict(m.transformer.state_dict())
 
@@ -131,7 +156,7 @@ def clip_g(dtype=torch.float16) -> Dict[str, torch.Tensor]:
     """Standalone CLIP-G (OpenCLIP bigG text tower in Hugging Face naming)."""
     import_comfy()
     import comfy.sdxl_clip
-    with META:
+    with meta_build():
         m = comfy.sdxl_clip.SDXLClipG(device=META, dtype=dtype)
     return dict(m.transformer.state_dict())
 
@@ -140,14 +165,14 @@ def t5xxl(dtype=torch.float16) -> Dict[str, torch.Tensor]:
     """Standalone T5-XXL encoder (all 24 blocks, shared embedding), as sd3/pixart/flux TEs load."""
     import_comfy()
     import comfy.text_encoders.sd3_clip
-    with META:
+    with meta_build():
         m = comfy.text_encoders.sd3_clip.T5XXLModel(device=META, dtype=dtype)
     return dict(m.transformer.state_dict())
 
 
 def checkpoint_clip(clip_class, dtype=torch.float16) -> Dict[str, torch.Tensor]:
     """What comfy.sd.CLIP.get_sd() returns for a text-encoder wrapper class (clip_l./clip_g. names)."""
-    with META:
+    with meta_build():
         m = clip_class(device=META, dtype=dtype)
     return dict(m.state_dict())
 
@@ -162,7 +187,7 @@ def vae_kl4() -> Dict[str, torch.Tensor]:
     """SD1.x / SDXL VAE (4 latent channels, with quant convs), as comfy.sd.VAE builds it."""
     import_comfy()
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    with META:
+    with meta_build():
         m = AutoencoderKL(ddconfig=dict(_KL_DDCONFIG), embed_dim=4)
     return dict(m.state_dict())
 
@@ -172,7 +197,7 @@ def vae_sd3() -> Dict[str, torch.Tensor]:
     import_comfy()
     from comfy.ldm.models.autoencoder import AutoencodingEngine
     ddconfig = dict(_KL_DDCONFIG, z_channels=16)
-    with META:
+    with meta_build():
         m = AutoencodingEngine(
             regularizer_config={'target': "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
             encoder_config={'target': "comfy.ldm.modules.diffusionmodules.model.Encoder", 'params': ddconfig},

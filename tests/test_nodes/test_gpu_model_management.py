@@ -8,7 +8,7 @@ import torch
 
 from conftest import pack_module
 from harness.formats import OUTPUT_TOLERANCE
-from harness.tiny_models import sd3_inputs, tiny_sd3_patcher
+from harness.tiny_models import sample_eager_and_compiled, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
 
 pytestmark = pytest.mark.gpu
 
@@ -106,18 +106,7 @@ def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
 def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
     patcher, inputs, _ = upstream
     quantized = quantize(comfy, patcher, "torchao:int8wo")
-    pos = [[inputs["c_crossattn"][:1], {"pooled_output": inputs["y"][:1]}]]
-    neg = [[inputs["c_crossattn"][1:], {"pooled_output": inputs["y"][1:]}]]
-    latent = {"samples": torch.zeros(1, 16, 16, 16)}
-
-    def sample(model):
-        return comfy.KSampler().sample(model, 1, 3, 3.0, "euler", "simple", pos, neg, latent)[0]["samples"]
-
-    eager = sample(quantized)
-    node = comfy.NODE_CLASS_MAPPINGS["TorchCompileModel"]
-    out = node.execute(quantized, "inductor")
-    compiled_model = out[0] if isinstance(out, tuple) else out.result[0]
-    compiled = sample(compiled_model)
+    eager, compiled, _ = sample_eager_and_compiled(comfy, quantized, inputs, steps=3)
     print(f"compiled vs eager: {rel(compiled, eager):.2e}")
     assert rel(compiled, eager) < 2e-2
 
@@ -170,3 +159,98 @@ def test_cuda_only_formats_on_text_encoders(comfy, fmt):
     assert torch.isfinite(out).all()
     assert cos > (0.99 if "fp8" in fmt else 0.9)
     assert new.patcher.model_size() < clip.patcher.model_size()
+
+
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "gguf:Q4_K"])
+def test_lora_after_quantize_on_gpu_acts_as_on_the_unquantized_model(comfy, upstream, fmt):
+    """Under Dynamic VRAM the unquantized model gets its LoRA through ComfyUI's dynamic
+    loader; the quantized one through its own patcher. Both must show the same effect."""
+    patcher, inputs, reference = upstream
+    lora, _ = tiny_lora(patcher)
+    ref_lora = run(with_lora(patcher, lora), inputs)
+    assert rel(ref_lora, reference) > 0.05, "the test LoRA must change the output visibly"
+    quantized = quantize(comfy, patcher, fmt)
+    plain = run(quantized, inputs)
+    after = run(with_lora(quantized, lora), inputs)
+    effect_err = rel(after - plain, ref_lora - reference)
+    print(f"{fmt} LoRA on GPU: effect error {effect_err:.4f}")
+    assert effect_err < max(2 * OUTPUT_TOLERANCE[fmt], 0.1)
+
+
+def test_upstream_clip_still_works_after_quantize_text_encoder_on_gpu(comfy):
+    """ComfyUI 0.33 with Dynamic VRAM once freed pinned buffers twice (the server aborted)
+    when the original CLIP was loaded after Quantize Text Encoder had copied it."""
+    import gc
+    import comfy.model_management as mm
+    from comfy.sd import CLIPType, load_text_encoder_state_dicts
+    from harness.tiny_models import fill_state_dict
+    from standins import components
+    _cuda()
+    clip = load_text_encoder_state_dicts([fill_state_dict(components.clip_l(), seed=1, heavy=False)],
+                                         clip_type=CLIPType.STABLE_DIFFUSION)
+    tokens = clip.tokenize("a lighthouse on a cliff")
+    ref = clip.encode_from_tokens(tokens).float().cpu()
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]()
+    new = node.quantize(clip, "gguf:Q8_0", "all")["result"][0]
+    quantized = new.encode_from_tokens(tokens).float().cpu()
+    again = clip.encode_from_tokens(tokens).float().cpu()
+    mm.unload_all_models()
+    del new
+    gc.collect()
+    once_more = clip.encode_from_tokens(tokens).float().cpu()
+    assert torch.equal(again, ref) and torch.equal(once_more, ref)
+    assert rel(quantized, ref) < 0.05
+
+
+def test_memory_report_gpu_figures(comfy, upstream):
+    """The quantized model's bytes on the GPU as ComfyUI loaded them; under Dynamic VRAM the
+    unquantized model's staged bytes come from ComfyUI, not from tensor devices."""
+    import comfy.model_management as mm
+    census = pack_module("nodes.memory_census")
+    patcher, inputs, _ = upstream
+    quantized = quantize(comfy, patcher, "gguf:Q8_0")
+    run(patcher, inputs)
+    run(quantized, inputs)
+    snap = census.take_snapshot("gpu", model=quantized)
+    ours = next(c for c in snap.components if c.name == "model")
+    assert ours.loaded_on and ours.loaded_on.startswith("cuda") and not ours.dynamic
+    assert ours.census.gpu_bytes == pytest.approx(quantized.model_size(), rel=0.02)
+    upstream_c = next((c for c in snap.components if not c.wired and c.census.parameters), None)
+    assert upstream_c is not None, "the loaded unquantized model is listed"
+    if upstream_c.dynamic:
+        assert upstream_c.loaded_bytes > 0
+    else:
+        assert upstream_c.census.gpu_bytes > 0
+    text = pack_module("nodes.memory_text").report_text(snap)
+    print(text)
+    mm.unload_all_models()
+
+
+def test_comfyui_runs_in_the_mode_under_test(comfy, upstream):
+    """The matrix means something only if Dynamic VRAM is really on where it should be:
+    ComfyUI's own loader gives the unquantized model a dynamic patcher then, and the
+    quantized copy keeps the classic one."""
+    from harness.comfy_inprocess import dynamic_vram_wanted
+    patcher = upstream[0]
+    expected = dynamic_vram_wanted()
+    print(f"Dynamic VRAM expected: {expected}")
+    assert getattr(patcher, "is_dynamic", lambda: False)() == expected
+    assert not getattr(quantize(comfy, patcher, "gguf:Q8_0"), "is_dynamic", lambda: False)()
+
+
+def test_model_run_in_another_dtype_than_stored(comfy):
+    """--bf16-unet on an fp16 file: under Dynamic VRAM core keeps fp16 tensors and casts
+    them per call; the quantized copy must hold its kept layers in bf16 (this once failed
+    with 'mat1 and mat2 must have the same dtype')."""
+    from comfy.sd import load_diffusion_model_state_dict
+    from harness.tiny_models import tiny_sd3_state_dict
+    _cuda()
+    patcher = load_diffusion_model_state_dict(tiny_sd3_state_dict(), model_options={"dtype": torch.bfloat16})
+    inputs = sd3_inputs()
+    reference = run(patcher, inputs)
+    quantized = quantize(comfy, patcher, "torchao:int8wo")
+    out = run(quantized, inputs)
+    kept = {p.dtype for m in quantized.model.modules() if not isinstance(m, modules.QuantizedLayer)
+            for p in m.parameters(recurse=False) if p.is_floating_point()}
+    assert torch.float16 not in kept, kept
+    assert rel(out, reference) < OUTPUT_TOLERANCE["torchao:int8wo"] + 0.01

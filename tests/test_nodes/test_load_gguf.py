@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import pack_module
-from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
+from harness.tiny_models import denoise, sample_eager_and_compiled, sd3_inputs, tiny_sd3_patcher
 
 modules = pack_module("backends.modules")
 errors = pack_module("backends.errors")
@@ -81,3 +81,29 @@ def test_malformed_files_are_clear_errors(comfy, base_dir, gguf_file, content, m
     bad.write_bytes(content if content is not None else gguf_file[0].read_bytes()[:5000])
     with pytest.raises(errors.MalformedFile, match=f"(?i){match}"):
         load(comfy, bad.name)
+
+
+def test_loaded_model_uses_the_classic_patcher(comfy, gguf_file):
+    """Load GGUF builds its model outside Dynamic VRAM (0.33 would otherwise rebuild it
+    from the file's float placeholders for TorchCompileModel), with a fresh patcher."""
+    from comfy.model_patcher import ModelPatcher
+    model, _ = load(comfy, gguf_file[0].name)
+    assert isinstance(model, ModelPatcher)
+    assert not getattr(model, "is_dynamic", lambda: False)()
+    assert not hasattr(model.model, "dynamic_pins")
+    clone = model.clone(**({"disable_dynamic": True} if "disable_dynamic" in
+                           model.clone.__code__.co_varnames else {}))
+    assert clone.model is model.model, "a clone shares the loaded quantized model"
+
+
+@pytest.mark.gpu
+def test_torch_compile_model_on_a_loaded_gguf_model(comfy, gguf_file):
+    import comfy.model_management as mm
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
+    model, _ = load(comfy, gguf_file[0].name)
+    eager, compiled, compiled_model = sample_eager_and_compiled(comfy, model, sd3_inputs())
+    assert any(isinstance(m, modules.QuantizedLayer) for m in compiled_model.model.modules()), \
+        "the compiled model is the file's quantized model, not a float rebuild"
+    assert rel(compiled, eager) < 2e-2
+    mm.unload_all_models()

@@ -196,3 +196,17 @@ def test_server_runs_the_report_and_saves_the_chart(comfy, tmp_path):
         assert Image.open(path).size == (chart_mod.CHART_WIDTH, chart_mod.CHART_HEIGHT)
     finally:
         server.stop()
+
+
+def test_core_quantized_tensors_are_counted_at_their_stored_size(comfy):
+    """ComfyUI's own QuantizedTensor (fp8 with a scale): a dict of layout parameters in
+    0.3.x, comfy-kitchen's dataclass in 0.33; counted as data plus scale either way."""
+    from comfy.quant_ops import QuantizedTensor
+    census = pack_module("backends.memory_census")
+    w = torch.randn(256, 128)
+    qt = QuantizedTensor.from_float(w, "TensorCoreFP8Layout")
+    entry = census.tensor_entry(qt, True)
+    scale = qt._layout_params["scale"] if hasattr(qt, "_layout_params") else qt._params.scale
+    assert entry.stored_bytes == 256 * 128 + scale.nelement() * scale.element_size()
+    assert entry.logical_elements == 256 * 128
+    assert entry.format.startswith("fp8_e4m3fn")

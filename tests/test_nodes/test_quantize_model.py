@@ -7,7 +7,7 @@ import torch
 
 from conftest import pack_module
 from harness.formats import OUTPUT_TOLERANCE, cpu_format_ids
-from harness.tiny_models import denoise, heavy_tailed, sd3_inputs, tiny_sd3_patcher
+from harness.tiny_models import denoise, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
 
 registry = pack_module("backends.registry")
 base = pack_module("backends.base")
@@ -91,40 +91,21 @@ def test_two_quantize_nodes_from_one_loader_are_independent(comfy, upstream):
     _assert_unchanged(patcher, snapshot)
 
 
-def _lora(patcher, seed=3, rank=4):
-    """A LoRA on three quantized Linear layers, strong enough to see through 4-bit noise."""
-    import comfy.lora
-    targets = ["diffusion_model.joint_blocks.0.x_block.attn.qkv",
-               "diffusion_model.joint_blocks.1.context_block.mlp.fc1",
-               "diffusion_model.joint_blocks.2.x_block.attn.proj"]
-    sd = patcher.model.state_dict()
-    lora = {}
-    for i, key in enumerate(targets):
-        out_f, in_f = sd[key + ".weight"].shape
-        lora[f"{key}.lora_up.weight"] = heavy_tailed((out_f, rank), seed + i, std=0.6).half()
-        lora[f"{key}.lora_down.weight"] = heavy_tailed((rank, in_f), seed + 10 + i, std=0.6).half()
-    return lora, targets
-
-
-def _with_lora(model, lora):
-    import comfy.sd
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-    return patched
 
 
 @pytest.mark.parametrize("fmt", ["torchao:int8wo", "gguf:Q4_K"], ids=["int8wo", "Q4_K"])
 def test_lora_before_and_after_quantize(comfy, upstream, fmt):
     patcher, inputs, reference, snapshot = upstream
-    lora, targets = _lora(patcher)
-    ref_lora = denoise(_with_lora(patcher, lora), inputs)
+    lora, targets = tiny_lora(patcher)
+    ref_lora = denoise(with_lora(patcher, lora), inputs)
     lora_effect = rel(ref_lora, reference)
     assert lora_effect > 0.05, "the test LoRA must change the output visibly"
     tol = OUTPUT_TOLERANCE[fmt]
 
     quantized, _ = quantize(comfy, patcher, fmt)
     plain = denoise(quantized, inputs)
-    after = denoise(_with_lora(quantized, lora), inputs)
-    before_model, _ = quantize(comfy, _with_lora(patcher, lora), fmt)
+    after = denoise(with_lora(quantized, lora), inputs)
+    before_model, _ = quantize(comfy, with_lora(patcher, lora), fmt)
     before = denoise(before_model, inputs)
     print(f"{fmt}: LoRA effect {lora_effect:.3f}; after {rel(after, ref_lora):.4f}; "
           f"before {rel(before, ref_lora):.4f}")
@@ -139,8 +120,8 @@ def test_lora_before_and_after_quantize(comfy, upstream, fmt):
 def test_partial_low_vram_load_matches_full_load(comfy, upstream):
     patcher, inputs, reference, snapshot = upstream
     quantized, _ = quantize(comfy, patcher, "gguf:Q8_0")
-    lora, _ = _lora(patcher)
-    model = _with_lora(quantized, lora)
+    lora, _ = tiny_lora(patcher)
+    model = with_lora(quantized, lora)
     full = denoise(model, inputs)
     import comfy.model_management as mm
     mm.unload_all_models()
@@ -227,3 +208,51 @@ def test_compute_dtype_option_uses_comfyuis_compute_dtype(comfy, upstream):
         handle.remove()
     assert seen and seen[0] == torch.bfloat16
     assert rel(out, reference) < 0.05
+
+
+def test_copy_shares_configuration_and_takes_no_loader_state(comfy, upstream):
+    """ComfyUI 0.33's model config answers any attribute (a deep copy of it broke), and
+    Dynamic VRAM keeps native buffers on the model and its layers (a copy of them was freed
+    twice). The quantized model shares the first and starts without the second."""
+    from comfy.model_patcher import ModelPatcher
+    patcher, inputs, reference, snapshot = upstream
+    model = patcher.model
+    layer = model.diffusion_model.x_embedder.proj
+    planted = {"dynamic_pins": {"cpu": object()}, "dynamic_vbars": {}, "model_loaded_weight_memory": 123}
+    for k, v in planted.items():
+        setattr(model, k, v)
+    layer._v, layer._v_signature, layer.weight_function = (0, 1, 2), "sig", [lambda w: w * 0]
+    try:
+        quantized, _ = quantize(comfy, patcher, "gguf:Q8_0")
+    finally:
+        for k in ("dynamic_pins", "dynamic_vbars"):
+            delattr(model, k)
+        model.model_loaded_weight_memory = 0
+        del layer._v, layer._v_signature, layer.weight_function
+    new = quantized.model
+    assert new.model_config is model.model_config, "configuration is shared, not copied"
+    assert not hasattr(new, "dynamic_pins") and not hasattr(new, "dynamic_vbars")
+    assert new.model_loaded_weight_memory == 0
+    new_layer = new.diffusion_model.x_embedder.proj
+    assert not hasattr(new_layer, "_v") and not hasattr(new_layer, "_v_signature")
+    assert len(new_layer.weight_function) == 0, "the source's weight functions stay with it"
+    assert isinstance(quantized, ModelPatcher)
+    assert not getattr(quantized, "is_dynamic", lambda: False)(), "quantized models use the classic patcher"
+    assert quantized.parent is None and quantized.backup == {} and not quantized.pinned
+    assert rel(denoise(quantized, inputs), reference) < OUTPUT_TOLERANCE["gguf:Q8_0"]
+    _assert_unchanged(patcher, snapshot)
+
+
+def test_options_set_on_the_source_carry_over(comfy, upstream):
+    patcher, inputs, reference, snapshot = upstream
+    source = patcher.clone()
+    source.model_options["transformer_options"]["quantkit_test"] = {"kept": True}
+    source.set_model_compute_dtype(torch.float32)
+    wrapper = lambda executor, *a, **kw: executor(*a, **kw)  # noqa: E731
+    source.add_wrapper("diffusion_model", wrapper)
+    quantized, _ = quantize(comfy, source, "torchao:int8wo")
+    assert quantized.model_options["transformer_options"]["quantkit_test"] == {"kept": True}
+    assert quantized.model_options["transformer_options"] is not source.model_options["transformer_options"]
+    assert wrapper in quantized.get_all_wrappers("diffusion_model")
+    assert quantized.object_patches == source.object_patches, "compute dtype and other object patches"
+    assert quantized.load_device == patcher.load_device and quantized.offload_device == patcher.offload_device

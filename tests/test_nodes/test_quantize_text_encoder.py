@@ -139,6 +139,7 @@ def test_pixart_t5xxl(comfy, t5_clip, fmt):
 
 
 @pytest.mark.slow
+@pytest.mark.both_versions
 def test_sd3_auto_quantizes_t5_and_clip_l_not_clip_g(comfy):
     clip = load_family_clip("sd3")
     ref_cond, ref_pooled = encode(clip, PROMPTS[0])
