@@ -1,0 +1,65 @@
+"""The bundled SDXL, SD3 and PixArt workflows end to end through a real ComfyUI server (each
+test starts its own). A module of their own, collected right after test_comfy_server.py:
+its `server` fixture (a whole ComfyUI holding the SD1.5 workflow's models) is gone before
+these start, and the test process has not yet grown with the in-process model tests, so
+one big server at a time fits a 24 GB machine."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.comfy_server import ComfyServer
+from harness.locations import REPO_ROOT
+from harness.workflow_api import to_api
+
+pytestmark = pytest.mark.server
+
+
+def _run_workflow(tmp_path, name, size, extra_args=(), timeout=2400):
+    workflow = json.loads((REPO_ROOT / "workflows" / name).read_text())
+    with ComfyServer(tmp_path / "base", extra_args=extra_args) as srv:
+        prompt = to_api(workflow, srv.object_info())
+        for node in prompt.values():
+            inputs = node["inputs"]
+            for key in ("width", "height"):
+                if isinstance(inputs.get(key), int):
+                    inputs[key] = size
+            if node["class_type"] == "KSampler":
+                inputs["steps"] = 2
+        entry = srv.run(prompt, timeout=timeout)
+        images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+        texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+        from PIL import Image
+        picture = next(i for i in images if "_memory" not in i["filename"])  # not the chart
+        return Image.open(srv.base_dir / "output" / picture["filename"]).size, texts, srv.log_text()
+
+
+@pytest.mark.slow
+def test_sdxl_workflow_end_to_end(tmp_path):
+    size, texts, _ = _run_workflow(tmp_path, "sdxl_quantized.json", 128, ["--bf16-unet"])
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "clip_l: torchao:int8wo" in report and "clip_g: " not in report, "auto keeps CLIP-G"
+    assert "diffusion model: torchao:int8wo (sdxl recipe)" in report
+
+
+@pytest.mark.slow
+def test_sd3_workflow_end_to_end_with_quantized_t5(tmp_path):
+    size, texts, _ = _run_workflow(tmp_path, "sd3_quantized.json", 128)
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (sd3 recipe)" in report
+    assert "t5xxl: torchao:int8wo" in report and "clip_l: torchao:int8wo" in report
+
+
+@pytest.mark.slow
+@pytest.mark.both_versions
+def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
+    # PixArt needs >= 40x40 latents; the fp8 flag keeps the source T5 at its stored 4.8 GB
+    # (ComfyUI would widen it to 9.5 GB in fp16) so a 24 GB machine holds it and its copy.
+    size, texts, _ = _run_workflow(tmp_path, "pixart_quantized.json", 320, ["--fp8_e4m3fn-text-enc"])
+    assert size == (320, 320)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (pixart recipe)" in report
+    assert "t5xxl: torchao:int8wo" in report
