@@ -14,9 +14,9 @@ import torch.nn as nn
 
 WeightSource = Callable[[str, torch.Tensor], torch.Tensor]
 
-# nn.Module's own containers: copied one level so the copy can gain or lose hooks,
-# parameters and children without the source seeing it.
-_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+# nn.Module's own containers besides _parameters and _modules (rebuilt below): copied one
+# level so the copy can gain or lose buffers and hooks without the source seeing it.
+_MODULE_CONTAINERS = ("_buffers", "_non_persistent_buffers_set",
                       "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                       "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
                       "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
