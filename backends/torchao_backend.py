@@ -1,20 +1,22 @@
 """torchao formats: int8/fp8 weight-only, dynamic int8 (W8A8) and fp8 row-wise, int4 tinygemm.
 
 int8 follows torchao's symmetric per-channel scheme, int4 uses torchao's group-wise
-quantizer and tinygemm packing; the matrix products use the kernels torchao dispatches to (torch._int_mm, torch._scaled_mm,
-tinygemm int4), called on plain tensors so that stored bytes stay honest.
+quantizer and tinygemm packing. The 8-bit formats compute through fast_linear (fused Triton
+kernels, torch._scaled_mm, torch._int_mm on the CPU), on plain tensors so that stored
+bytes stay honest.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import fast_linear
 from .base import BackendAdapter, FormatSpec
 from .errors import FormatUnsupported
 from .registry import register
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+FP8 = fast_linear.FP8
+FP8_MAX = fast_linear.FP8_MAX
 INT4_GROUP = 128
 
 
@@ -86,57 +88,30 @@ class TorchAOAdapter(BackendAdapter):
             wt = torch.ops.aten._weight_int4pack_mm(eye, parts["weight"], INT4_GROUP,
                                                     parts["scales_and_zeros"])
             return wt.t().to(dtype).reshape(shape)
-        w = parts["weight"].to(dtype) * parts["scale"].to(dtype)[:, None]
-        return w.reshape(shape)
+        return fast_linear.dequantize_rows(parts["weight"], parts["scale"], dtype).reshape(shape)
 
     # -- compute --------------------------------------------------------------------
     def linear(self, x, parts, spec, shape, bias):
+        if spec.name == "int4wo":
+            if not x.is_cuda:
+                return F.linear(x, self.dequantize(parts, spec, shape, x.dtype), bias)
+            return self._int4(x, parts, bias)
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if spec.name == "int8wo":
-            y = self._int8_weight_only(x2, parts)
-        elif spec.name == "int8dq" and self._int_mm_ok(x2, parts["weight"]):
-            y = self._int8_dynamic(x2, parts)
-        elif spec.name == "fp8dq" and self._scaled_mm_ok(x2, parts["weight"]):
-            y = self._fp8_rowwise(x2, parts)
-        elif spec.name == "int4wo" and x2.is_cuda:
-            xb = x2.to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm(xb, parts["weight"], INT4_GROUP,
-                                                   parts["scales_and_zeros"]).to(x.dtype)
-        else:
-            return F.linear(x, self.dequantize(parts, spec, shape, x.dtype), bias)
+        compute = _COMPUTE[spec.name]
+        y = compute(x2, parts["weight"], parts["scale"], bias, dynamic=spec.name.endswith("dq"))
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def _int4(x, parts, bias):
+        lead, k = x.shape[:-1], x.shape[-1]
+        xb = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm(xb, parts["weight"], INT4_GROUP,
+                                               parts["scales_and_zeros"]).to(x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, y.shape[-1])
 
-    @staticmethod
-    def _int8_weight_only(x2, parts):
-        w, scale = parts["weight"], parts["scale"].to(x2.dtype)
-        if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            return torch._weight_int8pack_mm(x2.contiguous(), w, scale)
-        return torch.mm(x2, w.t().to(x2.dtype)) * scale
 
-    @staticmethod
-    def _int_mm_ok(x2, w):
-        if x2.device.type == "cuda":
-            return x2.shape[0] > 16 and x2.shape[1] % 8 == 0 and w.shape[0] % 8 == 0
-        return True
-
-    @staticmethod
-    def _int8_dynamic(x2, parts):
-        xs = (x2.abs().amax(dim=1, keepdim=True).float() / 127.0).clamp(min=1e-12)
-        xq = (x2.float() / xs).round().clamp(-127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, parts["weight"].t())
-        return (acc.float() * xs * parts["scale"][None, :]).to(x2.dtype)
-
-    @staticmethod
-    def _scaled_mm_ok(x2, w):
-        return x2.is_cuda and x2.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
-
-    @staticmethod
-    def _fp8_rowwise(x2, parts):
-        xs = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-        xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, parts["weight"].t(), scale_a=xs,
-                             scale_b=parts["scale"].float()[None, :], out_dtype=torch.bfloat16)
-        return y.to(x2.dtype)
+_COMPUTE = {"int8wo": fast_linear.int8_linear, "int8dq": fast_linear.int8_linear,
+            "fp8wo": fast_linear.fp8_linear, "fp8dq": fast_linear.fp8_linear}

@@ -77,7 +77,7 @@ def _load_pack() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         registry=mod("backends.registry"), base=mod("backends.base"),
         modules=mod("backends.modules"), gguf_file=mod("backends.gguf_file"),
-        gguf_export=mod("backends.gguf_export"),
+        gguf_export=mod("backends.gguf_export"), fast_linear=mod("backends.fast_linear"),
         clone_and_quantize=mod("nodes.clone_and_quantize"), load_gguf=mod("nodes.load_gguf"),
         nodes=mod("nodes"))
 

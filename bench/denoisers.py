@@ -19,10 +19,24 @@ log = logging.getLogger("quantkit.bench")
 BATCH = 2
 
 
+CPU_FULL_TIMING = False  # set by run.py --cpu-full: real timings on a CPU
+
+
 def timing_options(device) -> dict:
     if torch.device(device).type == "cuda":
         return {}
+    if CPU_FULL_TIMING:
+        return {"warmup": 1, "min_iters": 2, "max_iters": 3, "max_seconds": 60.0}
     return {"warmup": 0, "min_iters": 1, "max_iters": 1}  # CPU smoke: proves it runs, not a timing
+
+
+def compile_model(env, patcher):
+    """The patcher as ComfyUI's TorchCompileModel node (inductor) returns it."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+    import torch._dynamo
+    torch._dynamo.reset()  # each format compiles from scratch, within the recompile limit
+    out = TorchCompileModel.execute(model=patcher, backend="inductor")
+    return out.result[0] if hasattr(out, "result") else out[0]
 
 
 def make_model(env, spec, sd, fmt, device) -> tuple:
@@ -49,8 +63,11 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip()[:400]}{where}"
 
 
-def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, tmpdir):
+def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, tmpdir,
+                   compiled: bool = False):
     patcher, quant_s = make_model(env, spec, sd, fmt, device)
+    if compiled:
+        patcher = compile_model(env, patcher)
     free(device)
     env.mm.load_models_gpu([patcher])
     weights = module_bytes(patcher.model.diffusion_model)
@@ -66,8 +83,11 @@ def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: 
     if timing:
         rec["weight_bytes"] = weights
         rec["step_peak_bytes"] = None if extra is None else weights + extra
+        kernels = env.pack.fast_linear.KERNELS
+        kernels.clear()
         rec["step"] = time_calls(lambda: models.step(patcher, inputs), device, **timing_options(device))
-        if fmt in F.GGUF_LOAD and fmt.startswith("gguf:"):
+        rec["kernels"] = dict(kernels)
+        if fmt in F.GGUF_LOAD and fmt.startswith("gguf:") and not compiled:
             rec["gguf"] = _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir)
     env.mm.unload_all_models()
     del patcher
@@ -88,7 +108,7 @@ def _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir) -> dict:
         path.unlink(missing_ok=True)
 
 
-def run(env, results, spec, fmts, device, dists, deadline: float):
+def run(env, results, spec, fmts, device, dists, deadline: float, compiled: bool = False):
     registry = env.pack.registry
     meta = models.meta_state_dict(spec)
     inputs = models.denoiser_inputs(spec, BATCH, device)
@@ -108,7 +128,7 @@ def run(env, results, spec, fmts, device, dists, deadline: float):
                 except Exception as exc:
                     log.warning("fp32 reference of %s failed: %s", spec.key, _error_text(exc))
                 for fmt in fmts:
-                    rec = results.record("denoiser", spec.key, fmt)
+                    rec = results.record("denoiser", spec.key, f"{fmt} compiled" if compiled else fmt)
                     rec.update(label=spec.label, params=n_params, bits=F.bits(fmt, registry),
                                latent=spec.latent, batch=BATCH)
                     problem = F.problem(fmt, registry, device)
@@ -120,7 +140,8 @@ def run(env, results, spec, fmts, device, dists, deadline: float):
                         continue
                     try:
                         out = measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs,
-                                             timing=(dist == dists[0]), tmpdir=tmpdir)
+                                             timing=(dist == dists[0]), tmpdir=tmpdir,
+                                             compiled=compiled)
                         if fmt == F.REFERENCE:
                             refs[F.REFERENCE] = out
                     except Exception as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-BASELINES = {"bf16": torch.bfloat16, "fp16": torch.float16, "comfy:fp8_e4m3fn": torch.float8_e4m3fn}
+BASELINES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "comfy:fp8_e4m3fn": torch.float8_e4m3fn}
 REFERENCE = "bf16"
 # Small set for the CPU smoke run: one of each kind that runs on a CPU.
 SMOKE = ("bf16", "comfy:fp8_e4m3fn", "torchao:int8wo", "gguf:Q8_0", "gguf:Q4_0", "quanto:int8")
@@ -20,14 +20,14 @@ def all_formats(registry) -> list:
     return list(BASELINES) + list(registry.all_format_ids())
 
 
-def resolve(spec: str, registry) -> list:
-    """'all', 'smoke', or a comma list; 'gguf:*' selects a whole backend. The bf16
-    reference is always measured first (errors are read against it)."""
+def resolve(spec: str, registry, reference: str = REFERENCE) -> list:
+    """'all', 'smoke', or a comma list; 'gguf:*' selects a whole backend. The reference
+    (bf16; fp32 on a CPU) is always measured first (errors are read against it)."""
     known = all_formats(registry)
     out = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         if item == "all":
-            out += known
+            out += [f for f in known if f != "fp32"]
         elif item == "smoke":
             out += list(SMOKE)
         elif item.endswith(":*"):
@@ -36,7 +36,7 @@ def resolve(spec: str, registry) -> list:
             out.append(item)
         else:
             raise SystemExit(f"unknown format {item!r}; known: {', '.join(known)}")
-    out = [REFERENCE] + [f for f in out if f != REFERENCE]
+    out = [reference] + [f for f in out if f != reference]
     return list(dict.fromkeys(out))
 
 
@@ -50,5 +50,5 @@ def problem(format_id: str, registry, device) -> str | None:
 
 def bits(format_id: str, registry) -> float:
     if format_id in BASELINES:
-        return 8.0 if "fp8" in format_id else 16.0
+        return 8.0 if "fp8" in format_id else 32.0 if format_id == "fp32" else 16.0
     return registry.get_format(format_id)[1].bits_per_weight

@@ -21,13 +21,15 @@ def time_calls(fn, device, warmup: int = 2, min_iters: int = 3, max_iters: int =
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    times, host = [], []
     start = time.perf_counter()
     while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < max_seconds):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+            t = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - t)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1000)
@@ -35,7 +37,10 @@ def time_calls(fn, device, warmup: int = 2, min_iters: int = 3, max_iters: int =
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+    out = {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+    if host:  # time for Python to queue the work: close to median_s means host-bound
+        out["host_s"] = statistics.median(host)
+    return out
 
 
 def peak_during(fn, device) -> tuple:

@@ -100,8 +100,12 @@ def denoiser_inputs(spec: Denoiser, batch: int, device, seed: int = 0) -> dict:
 
 
 def step(patcher, inputs: dict) -> torch.Tensor:
-    """One denoiser call through BaseModel.apply_model (what the samplers call)."""
-    return patcher.model.apply_model(inputs["x"], inputs["t"], **inputs["kwargs"])
+    """One denoiser call through BaseModel.apply_model (what the samplers call), with the
+    patcher's wrappers handed over as the samplers do (TorchCompileModel is one)."""
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = getattr(patcher, "wrappers", {})
+    return patcher.model.apply_model(inputs["x"], inputs["t"], transformer_options=options,
+                                     **inputs["kwargs"])
 
 
 def raw_output(denoised: torch.Tensor, inputs: dict) -> torch.Tensor:

@@ -246,6 +246,8 @@ def run_variant(env, executor, pipe, variant, steps, device, rec):
     cuda = torch.device(device).type == "cuda"
     env.mm.unload_all_models()
     free(device)
+    if cuda and torch.cuda.memory_allocated() > 64 * 2 ** 20:
+        rec["note_start"] = f"{torch.cuda.memory_allocated() / 2 ** 30:.2f} GiB allocated at start"
     peaks, seconds = {}, {}
     for i, (phase, node) in enumerate(phases.items()):
         sync(device)
@@ -276,7 +278,6 @@ def run(env, results, keys, full: bool, device, steps, deadline: float, variants
     for key in keys:
         pipe = PIPELINES[key] if full else SMOKE_PIPELINE
         _CONTEXT.update(env=env, device=device, pipeline=pipe, denoiser=specs[pipe.denoiser])
-        executor = _executor()  # one per pipeline: the loaders' outputs are shared by its variants
         for variant in variants or (VARIANTS if full else SMOKE_VARIANTS):
             if variant not in VARIANTS:
                 continue
@@ -285,6 +286,10 @@ def run(env, results, keys, full: bool, device, steps, deadline: float, variants
             if time.time() > deadline:
                 rec["skipped"] = "time budget"
                 continue
+            # A fresh executor per variant, so that every variant starts from an empty GPU:
+            # a shared one kept the previous variant's 16-bit text encoders cached (and,
+            # built on the GPU, resident) and counted them in the next variant's peak.
+            executor = _executor()
             try:
                 run_variant(env, executor, pipe, variant, steps, device, rec)
             except Exception as exc:
@@ -292,6 +297,6 @@ def run(env, results, keys, full: bool, device, steps, deadline: float, variants
                 log.warning("pipeline %s %s: %s", key, variant, rec["errors"]["normal"])
             finally:
                 results.save()
-        env.mm.unload_all_models()
-        del executor
-        free(device)
+                env.mm.unload_all_models()
+                del executor
+                free(device)

@@ -35,6 +35,8 @@ def parse(argv):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="CPU, reduced sizes, a few formats")
     mode.add_argument("--gpu-full", action="store_true", help="CUDA, real sizes")
+    mode.add_argument("--cpu-full", action="store_true",
+                      help="CPU, real sizes (denoisers: SD1.5 by default; fp32 is the reference)")
     ap.add_argument("--parts", default=None, help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--models", default=None, help="denoisers: sd15,sdxl,sd3,pixart; encoders: "
                     "clip_l,clip_g,t5xxl; pipelines: pixart,sd3 (default: all of the part)")
@@ -44,6 +46,8 @@ def parse(argv):
                     help="stop starting new measurements after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="JSON result path")
     ap.add_argument("--steps", type=int, default=None, help="pipeline sampling steps")
+    ap.add_argument("--compile", action="store_true",
+                    help="denoisers: also through ComfyUI's TorchCompileModel (rows '<format> compiled')")
     return ap.parse_args(argv)
 
 
@@ -53,8 +57,9 @@ def main(argv=None) -> int:
     full = bool(args.gpu_full)
     if full and not torch.cuda.is_available():
         raise SystemExit("--gpu-full needs a CUDA device; use --smoke on a CPU.")
-    device = torch.device("cuda" if full or (not args.smoke and torch.cuda.is_available()) else "cpu")
-    full = full or (device.type == "cuda" and not args.smoke)
+    device = torch.device("cuda" if full or (not args.smoke and not args.cpu_full
+                                             and torch.cuda.is_available()) else "cpu")
+    full = full or args.cpu_full or (device.type == "cuda" and not args.smoke)
     parts = (args.parts or ("denoisers,encoders,pipelines" if args.smoke else ",".join(PARTS))).split(",")
     for p in parts:
         if p not in PARTS:
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     meta = R.base_meta(command, comfy_env.device_name(), comfy_env.versions(env), parts, full)
     result = R.ResultFile(out, meta)
-    fmts = F.resolve(args.formats or ("smoke" if not full else "all"), env.pack.registry) \
+    fmts = F.resolve(args.formats or ("smoke" if not full else "all"), env.pack.registry,
+                     reference="fp32" if args.cpu_full else F.REFERENCE) \
         if any(p in parts for p in ("denoisers", "encoders")) else []
     dists = [d for d in args.dists.split(",") if d]
 
@@ -89,11 +95,14 @@ def main(argv=None) -> int:
         if part == "denoisers":
             from bench import denoisers, models
             specs = models.denoisers(full)
-            keys = _pick(args.models, specs, default=("sd3",) if not full else tuple(specs))
+            keys = _pick(args.models, specs, default=("sd3",) if not full else
+                         ("sd15",) if args.cpu_full else tuple(specs))
+            denoisers.CPU_FULL_TIMING = args.cpu_full
             for i, key in enumerate(keys):
                 # share what is left fairly between the models still to run
                 share = (part_deadline - time.time()) / (len(keys) - i)
-                denoisers.run(env, result, specs[key], fmts, device, dists, time.time() + share)
+                denoisers.run(env, result, specs[key], fmts, device, dists, time.time() + share,
+                              compiled=args.compile)
         elif part == "encoders":
             from bench import encoders, models
             keys = _pick(args.models, models.ENCODERS, default=("clip_l",) if not full else tuple(models.ENCODERS))

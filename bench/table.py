@@ -35,16 +35,21 @@ def denoiser_rows(records):
     rows = []
     for (part, model), recs in by_model.items():
         ref = "bf16" if part == "denoiser" else "fp16"
-        base = next((r for r in recs if r["format"] == ref and r.get("step")), None)
-        base_t = base["step"]["median_s"] if base else None
+        if part == "denoiser" and not any(r["format"] == ref for r in recs):
+            ref = "fp32"  # a CPU run
+        bases = {r["format"]: r["step"]["median_s"] for r in recs if r.get("step")}
         for r in recs:
+            # compiled rows compare with the compiled reference
+            base_t = bases.get(ref + (" compiled" if r["format"].endswith(" compiled") else ""))
             step = (r.get("step") or {}).get("median_s")
             err = r.get("rel_err") or {}
             n, h = err.get("normal", {}), err.get("heavy", {})
             g = r.get("gguf") or {}
+            host = (r.get("step") or {}).get("host_s")
             rows.append([
                 r.get("label", model), r["format"], _gib(r.get("weight_bytes")), _gib(r.get("step_peak_bytes")),
-                _ms(step), "" if step is None or not base_t else f"{step / base_t:.2f}x",
+                _ms(step), "" if step is None or not base_t else f"{step / base_t:.2f}x", _ms(host),
+                _kernels(r.get("kernels")),
                 _pct(n.get("fp32")), _pct(n.get(ref)), _pct(h.get(ref)),
                 "" if not r.get("quant_s") else f"{max(r['quant_s'].values()):.1f}",
                 "" if "load_s" not in g else f"{g['load_s']:.1f}",
@@ -52,7 +57,15 @@ def denoiser_rows(records):
     return rows
 
 
-HEAD = ["model", "format", "weights GiB", "step peak GiB", "ms/step", "vs ref",
+def _kernels(counts) -> str:
+    """Which linear kernels ran during the timed steps (share of calls)."""
+    if not counts:
+        return ""
+    total = sum(counts.values())
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+HEAD = ["model", "format", "weights GiB", "step peak GiB", "ms/step", "vs ref", "host ms", "kernels",
         "err% vs fp32 (N)", "err% vs ref (N)", "err% vs ref (t3)", "quant s", "gguf load s", "status"]
 
 

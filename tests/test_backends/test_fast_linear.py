@@ -1,0 +1,104 @@
+"""8-bit linear paths on the CPU: which kernel runs, and that each computes what it claims.
+
+Expected values are float64 products of the same quantized operands, computed here from
+first principles (scale = row absmax / 127, round half to even), not by the code under test.
+How to see these fail: change INT8_MAX in backends/fast_linear.py to 128, or make
+int8_linear ignore `dynamic`; the exactness and error-band tests go red.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.draws import gaussian, heavy_tailed, rel_err
+
+fast = pack_module("backends.fast_linear")
+registry = pack_module("backends.registry")
+
+
+def _int8_rows(w64: torch.Tensor):
+    """Row-wise symmetric int8 from first principles, in float64."""
+    scale = (w64.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w64 / scale[:, None]).clamp(-127, 127), scale
+
+
+def _operands(m=96, k=512, n=192, seed=3):
+    x = gaussian((m, k), seed) * 50  # activations of order 1
+    w = heavy_tailed((n, k), seed + 1)
+    q64, s64 = _int8_rows(w.double())
+    bias = gaussian((n,), seed + 2)
+    return x, w, q64.to(torch.int8), s64.float(), bias
+
+
+def test_activation_rows_quantize_like_the_float64_formula():
+    x = heavy_tailed((64, 300), 7) * 40
+    q, s = fast.quantize_rows_reference(x, torch.int8, fast.INT8_MAX)
+    q64, s64 = _int8_rows(x.double())
+    assert torch.allclose(s.squeeze(1).double(), s64, rtol=1e-6, atol=0)
+    differ = (q.double() != q64)
+    assert differ.float().mean() < 1e-3 and (q.double() - q64).abs().max() <= 1  # float32 ties
+
+
+def test_cpu_w8a8_equals_the_exact_product_of_its_quantized_operands():
+    x, w, q, s, bias = _operands()
+    fast.KERNELS.clear()
+    y = fast.int8_linear(x, q, s, bias, dynamic=True)
+    assert fast.KERNELS == {"cpu:int_mm": 1}
+    xq, xs = _int8_rows(x.double())
+    exact = (xq * xs[:, None]) @ (q.double() * s.double()[:, None]).t() + bias.double()
+    assert rel_err(y.double(), exact) < 1e-6  # only float32 rounding of the epilogue
+
+
+def test_cpu_weight_only_keeps_activations_exact():
+    x, w, q, s, bias = _operands()
+    fast.KERNELS.clear()
+    y = fast.int8_linear(x, q, s, bias, dynamic=False)
+    assert fast.KERNELS == {"dequant+matmul": 1}
+    exact = x.double() @ (q.double() * s.double()[:, None]).t() + bias.double()
+    assert rel_err(y.double(), exact) < 1e-6
+
+
+def test_w8a8_error_band_against_the_float_layer():
+    """Per-channel int8 weights plus per-row int8 activations on Gaussian data: the output
+    error is set by two roundings of step absmax/127 (~3.5 sigma/127, uniform noise). The
+    band is narrow enough that a weight-only path (too small) or a wrong scale (too big)
+    falls outside it."""
+    x = gaussian((256, 1024), 11) * 50
+    w = gaussian((512, 1024), 12)
+    q64, s64 = _int8_rows(w.double())
+    float_out = x.double() @ w.double().t()
+    y_dq = fast.int8_linear(x, q64.to(torch.int8), s64.float(), None, dynamic=True)
+    y_wo = fast.int8_linear(x, q64.to(torch.int8), s64.float(), None, dynamic=False)
+    e_dq, e_wo = rel_err(y_dq.double(), float_out), rel_err(y_wo.double(), float_out)
+    predicted_one = 3.6 / 127 / 12 ** 0.5  # one rounding, relative
+    assert 0.6 * predicted_one < e_wo < 1.2 * predicted_one
+    assert 1.2 * predicted_one < e_dq < 1.7 * predicted_one
+
+
+def test_fp8_off_gpu_computes_weight_only():
+    adapter, spec = registry.get_format("torchao:fp8wo")
+    w = heavy_tailed((64, 128), 4)
+    parts = adapter.quantize(w, spec)
+    x = gaussian((8, 128), 5)
+    fast.KERNELS.clear()
+    y = fast.fp8_linear(x, parts["weight"], parts["scale"], None, dynamic=True)
+    assert fast.KERNELS == {"dequant+matmul": 1}
+    exact = x.double() @ (parts["weight"].double() * parts["scale"].double()[:, None]).t()
+    assert rel_err(y.double(), exact) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "torchao:int8dq"])
+def test_quantized_model_compiles_whole_and_matches_eager(fmt):
+    quantize = pack_module("backends.quantize")
+    recipes = pack_module("backends.recipes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    quantize.quantize_tree(model, fmt, recipes.get_recipe("generic"), target="test")
+    x = torch.randn(32, 64)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-5

@@ -1,0 +1,130 @@
+"""The GPU fast paths (Triton kernels, torch._scaled_mm) against float64 products of the same
+quantized operands, the kernel each layer shape gets, and torch.compile at full layer size.
+
+Run on the GPU machine (bash .ci/gpu_matrix.sh). How to see these fail: swap the scale
+loads in backends/triton_kernels.py (ws_ptr <-> as_ptr), or drop `EVEN_K`'s masks; the
+exactness tests go red for the ragged shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.draws import gaussian, heavy_tailed, rel_err
+
+fast = pack_module("backends.fast_linear")
+registry = pack_module("backends.registry")
+quantize = pack_module("backends.quantize")
+recipes = pack_module("backends.recipes")
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_matrix.sh)")
+
+
+def _int8_rows(t64):
+    scale = (t64.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(t64 / scale[:, None]).clamp(-127, 127), scale
+
+
+def _operands(m, k, n, dtype, seed=0):
+    x = (gaussian((m, k), seed) * 50).to("cuda", dtype)
+    w = heavy_tailed((n, k), seed + 1)
+    q64, s64 = _int8_rows(w.double())
+    bias = (gaussian((n,), seed + 2)).to("cuda", dtype)
+    return x, q64.to("cuda", torch.int8), s64.to("cuda", torch.float32), bias
+
+
+# ragged shapes on purpose: M, N not tile multiples, K not a multiple of the K tile
+SHAPES = [(300, 1040, 200), (2048, 640, 1280), (17, 4096, 512), (8, 256, 96)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_only_kernel_is_the_exact_product(m, k, n, dtype):
+    x, q, s, bias = _operands(m, k, n, dtype)
+    k_ = pack_module("backends.triton_kernels")
+    for _ in range(3):  # the first call compiles, the next ones take the direct launcher
+        y = k_.int8_weight_matmul(x, q, s, None, bias, dtype)
+        exact = x.double() @ (q.double() * s.double()[:, None]).t() + bias.double()
+        assert rel_err(y.double(), exact) < 2e-3  # the bf16/fp16 rounding of the output only
+    assert any(v is not None for v in k_._LAUNCHERS.values()), "direct launcher never used"
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w8a8_kernel_is_the_exact_product(m, k, n):
+    x, q, s, bias = _operands(m, k, n, torch.bfloat16, seed=5)
+    k_ = pack_module("backends.triton_kernels")
+    for _ in range(3):
+        xq, xs = k_.quantize_rows(x, torch.int8, 127.0)
+        xq64, xs64 = _int8_rows(x.double())
+        assert torch.allclose(xs.squeeze(1).double(), xs64, rtol=1e-6, atol=0)
+        assert (xq.double() - xq64).abs().max() <= 1 and (xq.double() != xq64).float().mean() < 1e-3
+        y = k_.int8_weight_matmul(xq, q, s, xs, bias, torch.bfloat16)
+        exact = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t() + bias.double()
+        assert rel_err(y.double(), exact) < 2e-3
+
+
+def test_fp8_rowwise_is_the_exact_product():
+    if not fast.fp8_matmul_supported(torch.device("cuda")):
+        pytest.skip("fp8 matrix products need compute capability 8.9 (this GPU has less)")
+    adapter, spec = registry.get_format("torchao:fp8dq")
+    w = heavy_tailed((512, 1024), 3).cuda()
+    parts = adapter.quantize(w, spec)
+    x = (gaussian((256, 1024), 4) * 50).to("cuda", torch.bfloat16)
+    k_ = pack_module("backends.triton_kernels")
+    xq, xs = k_.quantize_rows(x, fast.FP8, fast.FP8_MAX)
+    ref_q, ref_s = fast.quantize_rows_reference(x, fast.FP8, fast.FP8_MAX)
+    assert torch.allclose(xs, ref_s, rtol=1e-6, atol=0)
+    assert (xq.float() != ref_q.float()).float().mean() < 1e-3
+    y = fast.fp8_linear(x, parts["weight"], parts["scale"], None, dynamic=True)
+    exact = (xq.double() * xs.double()) @ (parts["weight"].double() * parts["scale"].double()[:, None]).t()
+    assert rel_err(y.double(), exact) < 2e-3
+
+
+@pytest.mark.parametrize("fmt,rows,expected", [
+    ("torchao:int8dq", 4096, "triton:w8a8"), ("torchao:int8dq", 8, "triton:w8a16"),
+    ("torchao:int8wo", 128, "triton:w8a16"), ("torchao:int8wo", 4096, "dequant+matmul"),
+    ("torchao:fp8dq", 4096, "scaled_mm:fp8"), ("torchao:fp8wo", 4096, "dequant+matmul"),
+])
+def test_each_shape_gets_its_kernel(fmt, rows, expected):
+    adapter, spec = registry.get_format(fmt)
+    if registry.usable_problem(adapter, spec, "cuda"):
+        pytest.skip(registry.usable_problem(adapter, spec, "cuda"))
+    w = gaussian((256, 512), 1).cuda()
+    parts = adapter.quantize(w, spec)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    fast.KERNELS.clear()
+    y = adapter.linear(x, parts, spec, w.shape, None)
+    assert dict(fast.KERNELS) == {expected: 1}
+    assert rel_err(y, x.float() @ w.t()) < 0.05
+
+
+FULL_SIZE_FORMATS = ["torchao:int8wo", "torchao:int8dq", "torchao:fp8wo", "torchao:fp8dq",
+                     "torchao:int4wo", "gguf:Q8_0", "gguf:Q4_K", "bnb:nf4", "quanto:int8"]
+
+
+@pytest.mark.parametrize("fmt", FULL_SIZE_FORMATS)
+def test_every_format_compiles_at_full_layer_size(fmt):
+    """SDXL's 32x32 feed-forward (1280 -> 5120 -> 1280) at 2048 rows, bf16, through
+    torch.compile: inductor's int8 weight-only rewrite used to fail at this size."""
+    adapter, spec = registry.get_format(fmt)
+    if registry.usable_problem(adapter, spec, "cuda"):
+        pytest.fail(registry.usable_problem(adapter, spec, "cuda"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1280, 5120), torch.nn.GELU(),
+                                torch.nn.Linear(5120, 1280)).to("cuda", torch.bfloat16)
+    quantize.quantize_tree(model, fmt, recipes.get_recipe("generic"), target="test",
+                           run_device="cuda", work_device="cuda")
+    x = torch.randn(2048, 1280, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    assert torch.isfinite(compiled).all()
+    assert rel_err(compiled, eager) < 0.02  # inductor's own rounding; activations re-quantized
