@@ -16,12 +16,14 @@ custom ops around the Triton kernels measured 2-5x slower there (H200, 2026-12-0
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections import Counter
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("quantkit")
 KERNELS: Counter = Counter()
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -35,9 +37,11 @@ MAX_ROWS_WEIGHT_ONLY_KERNEL = 256
 _HALF = (torch.bfloat16, torch.float16)
 
 
-# Plain module constants (no caches, no CUDA calls) so that torch.compile traces through.
+# Plain module state (no caches) so that torch.compile traces through. _TRITON turns False
+# for good if a Triton kernel cannot be built here (no C compiler, an unsupported GPU).
 _TRITON = importlib.util.find_spec("triton") is not None
 _CAPABILITY: dict = {}  # device index -> (major, minor), filled on first use
+TRITON_MIN_CAPABILITY = (8, 0)  # int8 tensor-core products in Triton: Ampere and newer
 
 
 def _kernels():
@@ -45,33 +49,58 @@ def _kernels():
     return triton_kernels
 
 
-def fp8_matmul_supported(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+def _capability(device: torch.device) -> tuple:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= (8, 9)
+    return _CAPABILITY[index]
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and _capability(device) >= (8, 9)
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    return _TRITON and t.is_cuda and _capability(t.device) >= TRITON_MIN_CAPABILITY
 
 
 def _use_triton(x2: torch.Tensor, q: torch.Tensor) -> bool:
-    return (_TRITON and x2.is_cuda and x2.dtype in _HALF
-            and x2.stride(-1) == 1 and q.is_contiguous() and x2.shape[1] % 16 == 0)
+    return (x2.dtype in _HALF and x2.stride(-1) == 1 and q.is_contiguous()
+            and x2.shape[1] % 16 == 0 and _triton_ok(x2))
+
+
+def _triton_failed(exc: Exception) -> None:
+    """Stops using Triton in this process, once, saying why (the plain torch paths compute
+    the same results, more slowly). Out-of-memory is not a Triton problem: re-raised."""
+    global _TRITON
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise exc
+    _TRITON = False
+    log.warning("QuantKit: Triton kernels are unavailable here (%s: %s); 8-bit layers use "
+                "plain torch kernels instead (slower). Installing a C compiler and a Triton "
+                "that matches torch enables them.", type(exc).__name__, str(exc)[:300])
 
 
 # -- reference math (any device), also the compiled-graph fallback -----------------------------
 def quantize_rows_reference(x2: torch.Tensor, qdtype: torch.dtype, qmax: float):
-    scale = (x2.abs().amax(dim=1, keepdim=True).float() / qmax).clamp(min=1e-12)
-    v = (x2.float() / scale).clamp(-qmax, qmax)
+    """([M, K] qdtype, [M, 1] float32 scale): scale = row absmax / qmax, values rounded to
+    nearest (int8) or cast (fp8). |x / scale| <= qmax by construction, so no clamp pass;
+    max(amax, -amin) needs no temporary the size of x (on a CPU, large temporaries cost
+    more in page faults than the arithmetic)."""
+    peak = torch.maximum(x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True).neg())
+    scale = (peak.float() / qmax).clamp_(min=1e-12)
+    v = x2.div(scale) if x2.dtype == torch.float32 else x2.float().div_(scale)
     if not qdtype.is_floating_point:
-        v = v.round()
+        v.round_()
     return v.to(qdtype), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if (_TRITON and q.is_cuda and q.dim() == 2 and q.is_contiguous()
-            and not torch.compiler.is_compiling()):
-        return _kernels().dequantize_rows(q, scale.float().contiguous(), dtype)
+    if q.dim() == 2 and q.is_contiguous() and not torch.compiler.is_compiling() and _triton_ok(q):
+        try:
+            return _kernels().dequantize_rows(q, scale.float().contiguous(), dtype)
+        except Exception as exc:
+            _triton_failed(exc)
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
@@ -101,25 +130,46 @@ def int8_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 def _w8a8_eager(x2, q, scale, bias):
+    try:
+        k = _kernels()
+        xq, xs = k.quantize_rows(x2, torch.int8, INT8_MAX)
+        y = k.int8_weight_matmul(xq, q, scale, xs, bias, x2.dtype)
+    except Exception as exc:
+        _triton_failed(exc)
+        return _dequant_matmul(x2, q, scale, bias)
     KERNELS["triton:w8a8"] += 1
-    k = _kernels()
-    xq, xs = k.quantize_rows(x2, torch.int8, INT8_MAX)
-    return k.int8_weight_matmul(xq, q, scale, xs, bias, x2.dtype)
+    return y
 
 
 def _w8a16_eager(x2, q, scale, bias):
+    try:
+        y = _kernels().int8_weight_matmul(x2, q, scale, None, bias, x2.dtype)
+    except Exception as exc:
+        _triton_failed(exc)
+        return _dequant_matmul(x2, q, scale, bias)
     KERNELS["triton:w8a16"] += 1
-    return _kernels().int8_weight_matmul(x2, q, scale, None, bias, x2.dtype)
+    return y
+
+
+# Rows per block of the CPU W8A8 path: its temporaries stay near 1 MB and are reused, which
+# made a full-size SD1.5 projection 2-5x faster than one pass over all rows (2-core x86).
+CPU_BLOCK_ELEMENTS = 1 << 18
 
 
 def _cpu_int_mm(x2, q, scale, bias):
     KERNELS["cpu:int_mm"] += 1
-    xq, xs = quantize_rows_reference(x2, torch.int8, INT8_MAX)
-    y = torch._int_mm(xq, q.t()).float()
-    y = y.mul_(xs).mul_(scale.float())
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2.dtype)
+    m, n = x2.shape[0], q.shape[0]
+    rows = max(64, CPU_BLOCK_ELEMENTS // max(x2.shape[1], n))
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    qt, ws = q.t(), scale.float()
+    b = None if bias is None else bias.float()
+    for r0 in range(0, m, rows):
+        xq, xs = quantize_rows_reference(x2[r0:r0 + rows], torch.int8, INT8_MAX)
+        y = torch._int_mm(xq, qt).float().mul_(xs).mul_(ws)
+        if b is not None:
+            y.add_(b)
+        out[r0:r0 + rows].copy_(y)
+    return out
 
 
 # -- fp8 weights ------------------------------------------------------------------------------
@@ -137,9 +187,13 @@ def fp8_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def _fp8_rowwise_eager(x2, q, scale, bias):
     KERNELS["scaled_mm:fp8"] += 1
-    if x2.dtype in _HALF and _TRITON and x2.stride(-1) == 1:
-        xq, xs = _kernels().quantize_rows(x2, FP8, FP8_MAX)
-    else:
+    xq = None
+    if x2.dtype in _HALF and x2.stride(-1) == 1 and _triton_ok(x2):
+        try:
+            xq, xs = _kernels().quantize_rows(x2, FP8, FP8_MAX)
+        except Exception as exc:
+            _triton_failed(exc)
+    if xq is None:
         xq, xs = quantize_rows_reference(x2, FP8, FP8_MAX)
     # row-wise scaling writes bf16 only; the bias is fused when it is bf16 as well
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None

@@ -100,8 +100,9 @@ def _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir) -> dict:
         size = gguf_io.save_gguf(patcher.model.diffusion_model, path, spec.key, env.pack)
         loaded = gguf_io.time_load(env, path, device)
         again = models.raw_output(models.step(loaded["patcher"], inputs), inputs)
+        step = time_calls(lambda: models.step(loaded["patcher"], inputs), device, **timing_options(device))
         return {"file_bytes": size, "load_s": loaded["load_s"], "to_device_s": loaded["to_device_s"],
-                "err_vs_in_memory": rel_error(again, out)}
+                "err_vs_in_memory": rel_error(again, out), "step": step}
     except Exception as exc:
         return {"error": _error_text(exc)}
     finally:

@@ -40,13 +40,16 @@ def test_activation_rows_quantize_like_the_float64_formula():
     assert differ.float().mean() < 1e-3 and (q.double() - q64).abs().max() <= 1  # float32 ties
 
 
-def test_cpu_w8a8_equals_the_exact_product_of_its_quantized_operands():
-    x, w, q, s, bias = _operands()
+@pytest.mark.parametrize("rows", [96, 1100])  # 1100: three row blocks, the last one ragged
+def test_cpu_w8a8_equals_the_exact_product_of_its_quantized_operands(rows):
+    x, w, q, s, bias = _operands(m=rows)
     fast.KERNELS.clear()
     y = fast.int8_linear(x, q, s, bias, dynamic=True)
     assert fast.KERNELS == {"cpu:int_mm": 1}
-    xq, xs = _int8_rows(x.double())
-    exact = (xq * xs[:, None]) @ (q.double() * s.double()[:, None]).t() + bias.double()
+    # the activations as quantized (checked against float64 in the test above), then the
+    # product in float64
+    xq, xs = fast.quantize_rows_reference(x, torch.int8, fast.INT8_MAX)
+    exact = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t() + bias.double()
     assert rel_err(y.double(), exact) < 1e-6  # only float32 rounding of the epilogue
 
 
@@ -102,3 +105,37 @@ def test_quantized_model_compiles_whole_and_matches_eager(fmt):
     compiled = torch.compile(model)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+def test_a_triton_that_cannot_build_falls_back_once_with_a_warning(monkeypatch, caplog):
+    """No C compiler (Triton builds a launcher with one) must not break a run: the layer
+    computes through plain torch, Triton is switched off, and the log says why."""
+    class Broken:
+        def quantize_rows(self, *a, **k):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC")
+        int8_weight_matmul = quantize_rows
+
+    monkeypatch.setattr(fast, "_kernels", lambda: Broken())
+    monkeypatch.setattr(fast, "_TRITON", True)
+    x, w, q, s, bias = _operands()
+    fast.KERNELS.clear()
+    with caplog.at_level("WARNING", logger="quantkit"):
+        y = fast._w8a8_eager(x, q, s, bias)
+    assert fast._TRITON is False
+    assert fast.KERNELS == {"dequant+matmul": 1}
+    assert "C compiler" in caplog.text and "plain torch" in caplog.text
+    exact = x.double() @ (q.double() * s.double()[:, None]).t() + bias.double()
+    assert rel_err(y.double(), exact) < 1e-6
+
+
+def test_out_of_memory_in_a_kernel_is_not_taken_for_a_missing_triton(monkeypatch):
+    class OutOfMemory:
+        def int8_weight_matmul(self, *a, **k):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fast, "_kernels", lambda: OutOfMemory())
+    monkeypatch.setattr(fast, "_TRITON", True)
+    x, w, q, s, bias = _operands()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fast._w8a16_eager(x, q, s, bias)
+    assert fast._TRITON is True

@@ -256,3 +256,16 @@ def test_options_set_on_the_source_carry_over(comfy, upstream):
     assert wrapper in quantized.get_all_wrappers("diffusion_model")
     assert quantized.object_patches == source.object_patches, "compute dtype and other object patches"
     assert quantized.load_device == patcher.load_device and quantized.offload_device == patcher.offload_device
+
+
+def test_new_node_starts_with_the_fast_format_of_this_device(comfy, monkeypatch):
+    """CPU-only ComfyUI: torchao:int8dq (torch._int_mm, faster than fp32); a GPU: int8wo.
+    Flip the device and the default follows; both are real formats of the menu."""
+    from comfy import model_management
+    cls = type(comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]())
+    menu, options = cls.INPUT_TYPES()["required"]["format"]
+    for device, expected in ((torch.device("cpu"), "torchao:int8dq"),
+                             (torch.device("cuda", 0), "torchao:int8wo")):
+        monkeypatch.setattr(model_management, "get_torch_device", lambda d=device: d)
+        default = cls.INPUT_TYPES()["required"]["format"][1]["default"]
+        assert default == expected and default in menu
