@@ -22,8 +22,8 @@ _LAUNCHERS: dict = {}
 def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 3):
     """kernel[grid](*args, **constexprs), minus Triton's per-call argument binding (about
     15 us a launch, which decides eager speed on hosts that launch slowly): the compiled
-    kernel is kept under a key holding everything Triton specialises on (tensor dtypes,
-    16-byte alignment, integers that are 1 or multiples of 16) and launched directly.
+    kernel is kept under a key holding everything Triton specialises on (tensor dtypes and
+    devices, 16-byte alignment, integers that are 1 or multiples of 16) and launched directly.
     Any change in Triton's launcher falls back to the ordinary call."""
     key = (kernel, num_warps, num_stages, tuple(constexprs.items()),
            tuple(_spec_of(a) for a in args))
@@ -45,8 +45,8 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_sta
 
 
 def _spec_of(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, torch.Tensor):  # a compiled kernel belongs to one device
+        return a.dtype, a.device.index, a.data_ptr() % 16 == 0
     if isinstance(a, int):
         return a == 1, a % 16 == 0, abs(a) >= 2**31
     return type(a)
