@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends import fast_linear  # noqa: E402
+from bench.measure import time_calls  # noqa: E402
 
 # (model, layer, rows M, in K, out N)
 SHAPES = [
@@ -49,18 +49,8 @@ TILE_CANDIDATES = {
 
 
 def gpu_ms(fn, reps: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds per call (CUDA events), as every bench part measures."""
+    return time_calls(fn, "cuda", warmup=5, min_iters=reps, max_iters=reps)["median_s"] * 1000
 
 
 def graph_ms(fn, reps: int = 20) -> float:
