@@ -1,4 +1,4 @@
-"""How an 8-bit linear layer computes on the device at hand: one place that picks the kernel.
+"""How a quantized linear layer computes on the device at hand: one place that picks the kernel.
 
 Paths, most specific first (every one computes the same y = x (q*s)^T + b up to rounding):
 - NVIDIA GPU with Triton, bf16/fp16 activations: `triton:w8a8` (int8 activations quantized
@@ -8,6 +8,8 @@ Paths, most specific first (every one computes the same y = x (q*s)^T + b up to 
   torch._scaled_mm with both scales and the bias fused);
 - CPU: `cpu:int_mm` (W8A8 through torch._int_mm, several times faster than fp32 on x86);
 - anywhere else: `dequant+matmul` (the float weight for the call, then an ordinary matmul).
+GGUF block formats decode their weight for each call: on NVIDIA GPUs in one Triton kernel
+(`triton:gguf-decode`, see `decode_gguf_blocks`), elsewhere with gguf_dequant's torch ops.
 Under torch.compile (ComfyUI's TorchCompileModel) every path is written in plain torch ops
 (torch._int_mm, torch._scaled_mm), which inductor fuses with the layers around them; opaque
 custom ops around the Triton kernels measured 2-5x slower there (H200, 2026-12-01).
@@ -60,6 +62,11 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     return device.type == "cuda" and _capability(device) >= (8, 9)
 
 
+def _gguf_kernels():
+    from . import triton_gguf
+    return triton_gguf
+
+
 def _triton_ok(t: torch.Tensor) -> bool:
     return _TRITON and t.is_cuda and _capability(t.device) >= TRITON_MIN_CAPABILITY
 
@@ -76,7 +83,7 @@ def _triton_failed(exc: Exception) -> None:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         raise exc
     _TRITON = False
-    log.warning("QuantKit: Triton kernels are unavailable here (%s: %s); 8-bit layers use "
+    log.warning("QuantKit: Triton kernels are unavailable here (%s: %s); 8-bit and GGUF layers use "
                 "plain torch kernels instead (slower). Installing a C compiler and a Triton "
                 "that matches torch enables them.", type(exc).__name__, str(exc)[:300])
 
@@ -107,6 +114,23 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def _dequant_matmul(x2, q, scale, bias):
     KERNELS["dequant+matmul"] += 1
     return F.linear(x2, dequantize_rows(q, scale, x2.dtype), bias)
+
+
+def decode_gguf_blocks(raw: torch.Tensor, qtype: str, n_weights: int,
+                       dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """GGML blocks decoded by one Triton kernel, or None where the torch decoders must do
+    it (CPU, under torch.compile, which fuses those, an unknown type or no Triton)."""
+    if (raw.is_cuda and not torch.compiler.is_compiling() and raw.is_contiguous()
+            and dtype in (*_HALF, torch.float32) and _triton_ok(raw)):
+        try:
+            kernels = _gguf_kernels()
+            if qtype in kernels.TYPES:
+                y = kernels.decode(raw, qtype, n_weights, dtype)
+                KERNELS["triton:gguf-decode"] += 1
+                return y
+        except Exception as exc:
+            _triton_failed(exc)
+    return None
 
 
 # -- int8 weights -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Sequence
 import torch
 
 from .errors import FormatUnsupported, MalformedFile
+from .fast_linear import decode_gguf_blocks
 
 QK_K = 256
 
@@ -185,5 +186,8 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: Sequence[int],
                             f"the shape {list(shape)} ({n_weights} weights in blocks of "
                             f"{block_len} x {type_size} bytes). The tensor or its shape is "
                             f"corrupt: re-create or re-download the file.")
+    fast = decode_gguf_blocks(raw, qtype, n_weights, dtype)
+    if fast is not None:
+        return fast.reshape(shape)
     blocks = raw.reshape(-1, type_size)
     return decode(blocks, dtype).reshape(shape)

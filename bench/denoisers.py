@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import formats as F
-from . import gguf_io, models
+from . import gguf_io, models, step_profile
 from .measure import free, module_bytes, peak_during, rel_error, sync, time_calls
 from .weights import fill_state_dict
 
@@ -20,6 +20,7 @@ BATCH = 2
 
 
 CPU_FULL_TIMING = False  # set by run.py --cpu-full: real timings on a CPU
+PROFILE = False  # set by run.py --profile: where each timed format's step time goes
 
 
 def timing_options(device) -> dict:
@@ -87,6 +88,8 @@ def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: 
         kernels.clear()
         rec["step"] = time_calls(lambda: models.step(patcher, inputs), device, **timing_options(device))
         rec["kernels"] = dict(kernels)
+        if PROFILE:
+            rec["profile"] = step_profile.where_time_goes(lambda: models.step(patcher, inputs), device)
         if fmt in F.GGUF_LOAD and fmt.startswith("gguf:") and not compiled:
             rec["gguf"] = _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir)
     env.mm.unload_all_models()

@@ -48,6 +48,8 @@ VARIANTS = {
     "default": ("default", "default", None),
     "comfy:fp8_e4m3fn": ("float8_e4m3fn", "float8_e4m3fn", None),
     "torchao:int8wo": ("default", "default", "torchao:int8wo"),
+    "torchao:int8dq": ("default", "default", "torchao:int8dq"),
+    "torchao:fp8dq": ("default", "default", "torchao:fp8dq"),
     "gguf:Q8_0": ("default", "default", "gguf:Q8_0"),
 }
 SMOKE_VARIANTS = ("default", "torchao:int8wo")

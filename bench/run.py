@@ -48,6 +48,8 @@ def parse(argv):
     ap.add_argument("--steps", type=int, default=None, help="pipeline sampling steps")
     ap.add_argument("--compile", action="store_true",
                     help="denoisers: also through ComfyUI's TorchCompileModel (rows '<format> compiled')")
+    ap.add_argument("--profile", action="store_true",
+                    help="denoisers: also profile each timed format (kernel time by kind)")
     return ap.parse_args(argv)
 
 
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
             keys = _pick(args.models, specs, default=("sd3",) if not full else
                          ("sd15",) if args.cpu_full else tuple(specs))
             denoisers.CPU_FULL_TIMING = args.cpu_full
+            denoisers.PROFILE = args.profile
             for i, key in enumerate(keys):
                 # share what is left fairly between the models still to run
                 share = (part_deadline - time.time()) / (len(keys) - i)

@@ -1,6 +1,8 @@
 """The result table (plain text for the terminal, markdown for RESULTS.md)."""
 from __future__ import annotations
 
+from .step_profile import KINDS, OTHER
+
 GIB = 2 ** 30
 
 
@@ -94,6 +96,23 @@ def pipeline_rows(records):
 PHEAD = ["part", "model", "format", "peak GiB", "phase peaks GiB", "ms/step", "total s", "note", "status"]
 
 
+def profile_rows(records):
+    """Where the step time went: wall and busy time, then the kinds in a fixed order."""
+    rows = []
+    for r in records:
+        p = r.get("profile")
+        if not p:
+            continue
+        kinds = p["kinds_ms"]
+        rows.append([r.get("label", r["model"]), r["format"], f"{p['wall_ms']:.1f}", f"{p['busy_ms']:.1f}"]
+                    + [f"{kinds.get(k, 0.0):.1f}" for k in PROFILE_KINDS])
+    return rows
+
+
+PROFILE_KINDS = [kind for kind, _ in KINDS] + [OTHER]
+PRHEAD = ["model", "format", "wall ms (profiled)", "busy ms"] + [f"{k} ms" for k in PROFILE_KINDS]
+
+
 def _text(head, rows) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
@@ -116,4 +135,7 @@ def render(merged, markdown: bool = False) -> str:
     prow = pipeline_rows(merged["records"])
     if prow:
         parts.append(fmt(PHEAD, prow))
+    frow = profile_rows(merged["records"])
+    if frow:
+        parts.append(fmt(PRHEAD, frow))
     return "\n\n".join(parts) if parts else "(no records)"

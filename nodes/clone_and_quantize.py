@@ -75,9 +75,23 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
     new_root.to(source.offload_device)
     new_root.device = source.offload_device
     new_root.quantkit_reports = list(getattr(root, "quantkit_reports", [])) + [r.to_dict() for r in reports]
+    release_from_gpu(source)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return new_quantized_patcher(source, new_root, baked), reports
+
+
+def release_from_gpu(source) -> None:
+    """The quantized copy replaces its source on the GPU. ComfyUI creates a text encoder
+    directly on a roomy GPU and keeps models loaded while memory lasts, so the 16-bit source
+    would stay beside its copy; it is unloaded through ComfyUI's own free_memory, as ComfyUI
+    does to make room (it is loaded again if another branch uses it; its weights are kept)."""
+    if torch.device(source.load_device).type == "cpu":
+        return
+    loaded = list(comfy.model_management.current_loaded_models)
+    keep = [m for m in loaded if m.model is None or m.model.model is not source.model]
+    if len(keep) < len(loaded):
+        comfy.model_management.free_memory(1e30, source.load_device, keep_loaded=keep)
 
 
 def _subtree(root, path):

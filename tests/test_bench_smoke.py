@@ -15,7 +15,7 @@ from harness.locations import REPO_ROOT
 @pytest.mark.slow
 def test_bench_smoke_run_writes_results(tmp_path):
     out = tmp_path / "smoke.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--smoke", "--profile", "--out", str(out)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,3 +29,5 @@ def test_bench_smoke_run_writes_results(tmp_path):
     assert any(r["weight_bytes"] < bf16[0]["weight_bytes"] for r in quantized)
     assert any(r.get("part") == "pipeline" and r.get("step_s") for r in records)
     assert "bf16" in proc.stdout, "the table is printed"
+    kinds = bf16[0]["profile"]["kinds_ms"]  # --profile: time by kernel kind, matmuls found
+    assert kinds.get("matmul", 0) > 0 and "busy ms" in proc.stdout

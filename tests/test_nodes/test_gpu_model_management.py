@@ -139,6 +139,43 @@ def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
     assert peak < ours + 0.5 * 2**30, "only the quantized copy (plus activations) sits on the GPU"
 
 
+@pytest.mark.parametrize("node_id", ["QuantKitQuantizeTextEncoder", "QuantKitQuantizeModel"])
+def test_the_source_leaves_the_gpu_when_its_copy_is_made(comfy, upstream, node_id):
+    """A source ComfyUI holds loaded on the GPU (text encoders are created there on a roomy
+    card) is unloaded once its quantized copy exists, and still gives the same output when
+    used again. How to see it fail: drop the release_from_gpu call in quantize_patcher."""
+    import comfy.model_management as mm
+    from comfy.sd import CLIPType, load_text_encoder_state_dicts
+    from harness.tiny_models import fill_state_dict
+    from standins import components
+    _cuda()
+    mm.unload_all_models()
+    if node_id == "QuantKitQuantizeTextEncoder":
+        source = load_text_encoder_state_dicts([fill_state_dict(components.clip_g(), seed=2, heavy=False)],
+                                               clip_type=CLIPType.STABLE_DIFFUSION)
+        tokens = source.tokenize("a lighthouse on a cliff")
+        use = lambda c: c.encode_from_tokens(tokens).float().cpu()  # noqa: E731
+        patcher, args = source.patcher, ("torchao:int8wo", "all")
+    else:
+        source, inputs, _ = upstream
+        use = lambda m: run(m, inputs)  # noqa: E731
+        patcher, args = source, ("torchao:int8wo", "auto", "", "auto")
+    before = use(source)
+    loaded = lambda: any(m.model is not None and m.model.model is patcher.model  # noqa: E731
+                         for m in mm.current_loaded_models)
+    assert loaded(), "ComfyUI holds the source on the GPU after using it"
+    held = torch.cuda.memory_allocated()
+    new = comfy.NODE_CLASS_MAPPINGS[node_id]().quantize(source, *args)["result"][0]
+    assert not loaded()
+    freed = held - torch.cuda.memory_allocated()
+    print(f"{node_id}: {freed / 2**20:.0f} MiB freed, source {patcher.model_size() / 2**20:.0f} MiB")
+    on_gpu = {n: t.nbytes for n, t in patcher.model.state_dict().items() if t.is_cuda}
+    # Dynamic VRAM keeps scalars such as CLIP's logit_scale resident: bytes, not names, count
+    assert sum(on_gpu.values()) < 0.01 * patcher.model_size(), f"still on the GPU: {list(on_gpu)[:5]}"
+    assert torch.equal(use(source), before)
+    assert new is not source
+
+
 @pytest.mark.parametrize("fmt", ["torchao:fp8dq", "torchao:int4wo"])
 def test_cuda_only_formats_on_text_encoders(comfy, fmt):
     import torch.nn.functional as F
