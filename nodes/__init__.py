@@ -3,6 +3,7 @@ from .load_gguf import LoadGGUF
 from .memory_report import MemoryReport
 from .quantize_model import QuantizeModel
 from .quantize_text_encoder import QuantizeTextEncoder
+from .save_quantized_model import SaveQuantizedModel
 
 PREFIX = "QuantKit"
 
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     f"{PREFIX}QuantizeTextEncoder": QuantizeTextEncoder,
     f"{PREFIX}LoadGGUF": LoadGGUF,
     f"{PREFIX}MemoryReport": MemoryReport,
+    f"{PREFIX}SaveQuantizedModel": SaveQuantizedModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -18,4 +20,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     f"{PREFIX}QuantizeTextEncoder": "Quantize Text Encoder",
     f"{PREFIX}LoadGGUF": "Load GGUF Model",
     f"{PREFIX}MemoryReport": "Memory Report",
+    f"{PREFIX}SaveQuantizedModel": "Save Quantized Model",
 }

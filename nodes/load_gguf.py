@@ -10,7 +10,7 @@ import folder_paths
 
 from ..backends.errors import FormatUnsupported, MalformedFile
 from ..backends.gguf_file import FLOAT_TYPES, read_gguf
-from ..backends.modules import QuantizedLayer, make_quantized
+from ..backends.modules import make_quantized
 from ..backends.registry import get_format
 from ..backends.report import KEPT, QUANTIZED, LayerRecord, QuantReport
 from .comfy_layers import LAYER_CLASSES
@@ -47,7 +47,7 @@ def load_gguf_model(path: str):
                             f"(GGUF architecture '{contents.architecture}'). Load GGUF Model reads "
                             f"diffusion models in ComfyUI's own key layout (as ComfyUI-GGUF's converter writes).")
     diffusion = patcher.model.diffusion_model
-    report = QuantReport(target="diffusion model (GGUF file)", format_id="gguf:file", recipe="file",
+    report = QuantReport(target="diffusion model (GGUF file)", format_id="gguf", recipe="file",
                          device="cpu")
     by_name = _tensor_lookup(contents)
     for name, module in lazy_layers(diffusion):
@@ -63,12 +63,21 @@ def load_gguf_model(path: str):
         _replace(diffusion, name, new)
         report.layers.append(LayerRecord(name, tuple(tensor.shape), QUANTIZED, spec.id, "",
                                          torch.Size(tensor.shape).numel() * 2, new.stored_bytes()))
+    recorded = {r.name for r in report.layers}
     for n, m in diffusion.named_modules():
-        if getattr(m, "gguf_weight", None) is None and hasattr(m, "has_bias") and m.weight is None:
+        if getattr(m, "gguf_weight", None) is not None or not hasattr(m, "has_bias"):
+            continue
+        if m.weight is None:
             raise MalformedFile(f"{path}: layer {n} got no weight from the file.")
+        size = sum(p.nelement() * p.element_size() for p in m.parameters(recurse=False))
+        qtype = by_name(f"{n}.weight").qtype
+        report.layers.append(LayerRecord(n, tuple(m.weight.shape), KEPT, None,
+                                         f"stored as {qtype} in the file", size, size))
+        recorded.add(n)
     settle_stored_dtypes(patcher.model)
+    report.format_id = "types " + ", ".join(sorted({by_name(f"{r.name}.weight").qtype for r in report.layers}))
     report.other_bytes = sum(p.nelement() * p.element_size() for n, p in diffusion.named_parameters()
-                             if not _in_quantized(diffusion, n))
+                             if n.rpartition(".")[0] not in recorded)
     report.seconds = time.perf_counter() - start
     patcher.model.quantkit_reports = [report.to_dict()]
     return new_quantized_patcher(patcher, patcher.model), report
@@ -91,11 +100,6 @@ def _tensor_lookup(contents):
 def _replace(root, name, child):
     parent_name, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, child)
-
-
-def _in_quantized(root, param_name):
-    module_name = param_name.rpartition(".")[0]
-    return isinstance(root.get_submodule(module_name), QuantizedLayer) if module_name else False
 
 
 class LoadGGUF:

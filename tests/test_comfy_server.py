@@ -95,7 +95,40 @@ def test_bundled_workflows_are_current_and_convert(object_info):
         assert without_unlinked_outputs(saved) == without_unlinked_outputs(rebuilt), f"{name} is stale: regenerate it"
         prompt = to_api(saved, object_info)
         kinds = {n["class_type"] for n in prompt.values()}
-        assert {"QuantKitQuantizeModel", "QuantKitQuantizeTextEncoder", "QuantKitMemoryReport"} <= kinds
+        if name.endswith("_quantized.json"):
+            assert {"QuantKitQuantizeModel", "QuantKitQuantizeTextEncoder", "QuantKitMemoryReport"} <= kinds
+        assert any(k.startswith("QuantKit") for k in kinds), name
+
+
+def _small(prompt):
+    for node in prompt.values():  # small and short: CPU
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=128, height=128)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    return prompt
+
+
+def test_gguf_workflows_save_then_load_and_sample(server):
+    """sd15_save_gguf.json writes the quantized model as a .gguf file; sd15_gguf.json loads
+    it with Load GGUF Model and samples; saving again without 'overwrite' is refused."""
+    load = lambda name: json.loads((REPO_ROOT / "workflows" / name).read_text())  # noqa: E731
+    entry = server.run(to_api(load("sd15_save_gguf.json"), server.object_info()), timeout=1200)
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    path = server.base_dir / "models" / "diffusion_models" / (workflow_builder.GGUF_SD15 + ".gguf")
+    assert path.is_file() and any("architecture sd1" in t and "Q8_0" in t for t in texts), texts
+    entry = server.run(_small(to_api(load("sd15_gguf.json"), server.object_info())), timeout=1200)
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("Q8_0" in t and "layers quantized" in t for t in texts), texts
+    images = [i for out in entry["outputs"].values() for i in out.get("images", []) if "_memory" not in i["filename"]]
+    from PIL import Image
+    assert Image.open(server.base_dir / "output" / images[0]["filename"]).size == (128, 128)
+    again = to_api(load("sd15_save_gguf.json"), server.object_info())
+    for node in again.values():  # another format, same file name (an unchanged graph is cached)
+        if node["class_type"] == "QuantKitQuantizeModel":
+            node["inputs"]["format"] = "gguf:Q4_0"
+    with pytest.raises(ServerError, match="exists"):
+        server.run(again, timeout=600)
 
 
 def test_sd15_workflow_produces_an_image(server):

@@ -18,6 +18,7 @@ PACK_NODES = {  # node id -> display name: what users see, and what workflows st
     "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
     "QuantKitLoadGGUF": "Load GGUF Model",
     "QuantKitMemoryReport": "Memory Report",
+    "QuantKitSaveQuantizedModel": "Save Quantized Model",
 }
 
 

@@ -57,6 +57,8 @@ def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label
     }
 
 
+GGUF_SD15 = "quantkit/sd15_Q8_0"
+
 GRAPHS = {
     "sd15_quantized.json": checkpoint_graph("qk_sd15.safetensors", 512, 512, 20, 7.0,
                                             "torchao:int8wo", "torchao:int8wo", "sd15"),
@@ -76,6 +78,25 @@ GRAPHS = {
         9: _report(L(2), L(3), L(8), "sd3"),
         10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_sd3"}, None),
         11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_sd3_memory"}, "Memory chart"),
+    },
+    # quantize once and keep the result: then sd15_gguf.json loads the file
+    "sd15_save_gguf.json": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd15.safetensors"}, None),
+        2: _quant_model(L(1, 0), "gguf:Q8_0"),
+        3: ("QuantKitSaveQuantizedModel", {"model": L(2), "filename": GGUF_SD15, "overwrite": False}, None),
+    },
+    "sd15_gguf.json": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd15.safetensors"}, "Text encoder and VAE"),
+        2: ("QuantKitLoadGGUF", {"gguf_name": GGUF_SD15 + ".gguf"}, None),
+        3: _quant_clip(L(1, 1), "gguf:Q8_0"),
+        4: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_POS}, "Positive"),
+        5: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_NEG}, "Negative"),
+        6: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None),
+        7: _sampler(L(2), L(4), L(5), L(6), 20, 7.0),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(1, 2)}, None),
+        9: _report(L(2), L(3), L(8), "sd15_gguf"),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_sd15_gguf"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_sd15_gguf_memory"}, "Memory chart"),
     },
     "pixart_quantized.json": {
         1: ("UNETLoader", {"unet_name": "qk_pixart_sigma_d2.safetensors", "weight_dtype": "default"}, None),

@@ -1,0 +1,197 @@
+"""Save Quantized Model, the command-line converter and Load GGUF Model on files QuantKit did
+not write, through real ComfyUI.
+
+Expected values come from outside the code under test: gguf-py's writer and quantizers build
+the independent file and gguf-py's dequantize decodes its bytes; the round trips compare the
+bytes Quantize Model made with the bytes read back. How to see these fail: in
+gguf_export.gguf_tensors drop the quantized layers' biases (the round trips go red), or
+drop the orig_shape handling in gguf_file.read_gguf (the independent file's convolution
+fails to load).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import pack_module
+from harness.locations import REPO_ROOT
+from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_state_dict
+
+import gguf
+from gguf.quants import dequantize as np_dequantize
+from gguf.quants import quantize as np_quantize
+
+modules = pack_module("backends.modules")
+errors = pack_module("backends.errors")
+dq = pack_module("backends.gguf_dequant")
+GGUF_TYPES = list(dq.DEQUANTIZERS)
+
+
+def quantized_layers(model):
+    return {n: m for n, m in model.model.diffusion_model.named_modules()
+            if isinstance(m, modules.QuantizedLayer)}
+
+
+def load(comfy, name):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitLoadGGUF"]
+    assert name in node.INPUT_TYPES()["required"]["gguf_name"][0], "the file is listed"
+    out = node().load(name)
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def save(comfy, model, name, overwrite=False):
+    return comfy.NODE_CLASS_MAPPINGS["QuantKitSaveQuantizedModel"]().save(model, name, overwrite)
+
+
+def _with_biases(sd):
+    """tiny_sd3_state_dict has zero biases; give them values a lost bias would show."""
+    g = torch.Generator().manual_seed(5)
+    return {k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) if k.endswith(".bias") else v
+            for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def source(comfy):
+    import comfy.sd
+    return comfy.sd.load_diffusion_model_state_dict(_with_biases(tiny_sd3_state_dict()))
+
+
+@pytest.fixture(scope="module")
+def folder(base_dir):
+    path = base_dir / "models" / "diffusion_models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_quantize_save_load_gives_the_same_bytes(comfy, source, folder, qtype):
+    quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, f"gguf:{qtype}", "auto")["result"][0]
+    text = save(comfy, quantized, f"roundtrip/{qtype}")["ui"]["text"][0]
+    assert "architecture sd3" in text and (folder / "roundtrip" / f"{qtype}.gguf").is_file()
+    loaded, _ = load(comfy, f"roundtrip/{qtype}.gguf")
+    ours, back = quantized_layers(quantized), quantized_layers(loaded)
+    assert set(ours) == set(back) and ours
+    for name, layer in ours.items():
+        assert back[name].spec.id == layer.spec.id
+    # every tensor: quantized bytes, their biases, kept layers, norms, in their own dtype
+    want, got = quantized.model.diffusion_model.state_dict(), loaded.model.diffusion_model.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+def _independent_file(path, sd, types=("Q8_0", "Q4_0", "Q5_1")):
+    """A .gguf written the way ComfyUI-GGUF's converter writes one, with gguf-py only:
+    weights quantized by gguf-py in rotating types, convolutions stored as 2-D rows with
+    their shape in comfy.gguf.orig_shape.<name>, small and 1-D tensors in F16/F32."""
+    writer = gguf.GGUFWriter(str(path), "sd3")
+    quantized = {}
+    for i, (key, tensor) in enumerate(sorted(sd.items())):
+        array = tensor.float().numpy()
+        if tensor.dim() >= 2 and tensor.numel() >= 4096 and key.endswith(".weight"):
+            rows = array.reshape(array.shape[0], -1)
+            if rows.shape[1] % 32 == 0:
+                qtype = gguf.GGMLQuantizationType[types[i % len(types)]]
+                if tensor.dim() > 2:
+                    writer.add_array(f"comfy.gguf.orig_shape.{key}", list(tensor.shape))
+                data = np_quantize(rows, qtype)
+                writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=qtype)
+                quantized[key] = (qtype, data, tuple(tensor.shape))
+                continue
+        writer.add_tensor(key, array if tensor.dim() <= 1 else array.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+def test_a_file_written_by_gguf_py_loads_as_gguf_py_decodes_it(comfy, folder):
+    sd = tiny_sd3_state_dict(seed=11)
+    expected = _independent_file(folder / "independent.gguf", sd)
+    assert any(len(shape) > 2 for _, _, shape in expected.values()), "a convolution is covered"
+    model, text = load(comfy, "independent.gguf")
+    layers = quantized_layers(model)
+    for key, (qtype, data, shape) in expected.items():
+        layer = layers[key.rpartition(".")[0]]
+        want = torch.from_numpy(np_dequantize(data, qtype)).reshape(shape)
+        assert layer.spec.name == qtype.name
+        assert torch.equal(layer.dequantized_weight(torch.float32), want), key
+    assert "Q4_0" in text and "Q8_0" in text and "kept" in text
+    out = denoise(model, sd3_inputs())
+    assert torch.isfinite(out).all()
+
+
+def test_a_float_file_reports_what_it_holds(comfy, folder):
+    sd = tiny_sd3_state_dict(seed=12)
+    writer = gguf.GGUFWriter(str(folder / "all_f16.gguf"), "sd3")
+    for key, tensor in sorted(sd.items()):
+        writer.add_tensor(key, tensor.float().numpy() if tensor.dim() <= 1 else tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _, text = load(comfy, "all_f16.gguf")
+    assert "0 layers quantized" in text and "F16" in text
+    assert " 0 kept" not in text, text
+
+
+def test_save_refuses_names_outside_the_folder_and_existing_files(comfy, source, folder):
+    quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, "gguf:Q8_0", "auto")["result"][0]
+    for bad in ("../escape", "/tmp/absolute", "a/../../escape", "C:/x", ""):
+        with pytest.raises(errors.QuantKitError, match="name|Give the file"):
+            save(comfy, quantized, bad)
+    save(comfy, quantized, "twice")
+    first = (folder / "twice.gguf").stat().st_mtime_ns
+    with pytest.raises(errors.QuantKitError, match="exists"):
+        save(comfy, quantized, "twice")
+    assert (folder / "twice.gguf").stat().st_mtime_ns == first, "the file was not touched"
+    save(comfy, quantized, "twice", overwrite=True)
+    assert not any(p.name.endswith(".partial") for p in folder.iterdir())
+
+
+def test_save_refuses_models_a_gguf_file_cannot_hold(comfy, source):
+    with pytest.raises(errors.FormatUnsupported, match="no GGUF-quantized layer"):
+        save(comfy, source, "plain")
+    torchao = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, "torchao:int8wo", "auto")["result"][0]
+    with pytest.raises(errors.FormatUnsupported, match="only gguf"):
+        save(comfy, torchao, "torchao")
+
+
+def test_converter_writes_what_quantize_model_makes(comfy, source, folder, tmp_path):
+    from safetensors.torch import save_file
+    sd = _with_biases(tiny_sd3_state_dict())  # the weights `source` holds
+    ckpt = tmp_path / "checkpoint.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()} | {"first_stage_model.x": torch.ones(2)},
+              str(ckpt))
+    out = folder / "converted.gguf"
+    cmd = [sys.executable, "-m", "backends.gguf_convert", str(ckpt), str(out), "--type", "Q4_K", "--arch", "sd3"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Q4_K" in done.stdout
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "exists" in again.stderr
+    converted, _ = load(comfy, "converted.gguf")
+    quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, "gguf:Q4_K", "auto")["result"][0]
+    ours, theirs = quantized_layers(quantized), quantized_layers(converted)
+    assert set(ours) == set(theirs)
+    for name, layer in ours.items():
+        assert theirs[name].spec.id == layer.spec.id and torch.equal(theirs[name].weight, layer.weight), name
+    assert "first_stage_model.x" not in converted.model.diffusion_model.state_dict()
+
+
+def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    done = subprocess.run([sys.executable, "-m", "backends.gguf_convert", str(bad), str(tmp_path / "o.gguf"),
+                           "--arch", "sdxl"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "could not be read as safetensors" in done.stderr
+    assert not (tmp_path / "o.gguf").exists()
