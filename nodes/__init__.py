@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack. The only package that imports `comfy`."""
 from .load_gguf import LoadGGUF
+from .load_gguf_clip import LoadGGUFCLIP
 from .memory_report import MemoryReport
 from .quantize_model import QuantizeModel
 from .quantize_text_encoder import QuantizeTextEncoder
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     f"{PREFIX}QuantizeModel": QuantizeModel,
     f"{PREFIX}QuantizeTextEncoder": QuantizeTextEncoder,
     f"{PREFIX}LoadGGUF": LoadGGUF,
+    f"{PREFIX}LoadGGUFCLIP": LoadGGUFCLIP,
     f"{PREFIX}MemoryReport": MemoryReport,
     f"{PREFIX}SaveQuantizedModel": SaveQuantizedModel,
 }
@@ -19,6 +21,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     f"{PREFIX}QuantizeModel": "Quantize Model",
     f"{PREFIX}QuantizeTextEncoder": "Quantize Text Encoder",
     f"{PREFIX}LoadGGUF": "Load GGUF Model",
+    f"{PREFIX}LoadGGUFCLIP": "Load GGUF CLIP",
     f"{PREFIX}MemoryReport": "Memory Report",
     f"{PREFIX}SaveQuantizedModel": "Save Quantized Model",
 }

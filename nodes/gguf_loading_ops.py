@@ -18,7 +18,8 @@ def _lazy(base):
             self.has_bias = self.bias is not None
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-            self.gguf_weight = None
+            self.gguf_weight = None  # the state-dict key of a quantized weight
+            self.gguf_source = None  # the tensor the weight came from (placeholder or float)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                   missing_keys, unexpected_keys, error_msgs):
@@ -29,6 +30,8 @@ def _lazy(base):
                         missing_keys.append(key)
                     continue
                 tensor = state_dict[key]
+                if name == "weight":
+                    self.gguf_source = tensor
                 if tensor.is_meta:  # a quantized tensor's placeholder
                     if name != "weight":
                         raise MalformedFile(f"{key} is quantized; only weights may be. "

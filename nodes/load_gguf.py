@@ -9,6 +9,7 @@ import comfy.sd
 import folder_paths
 
 from ..backends.errors import FormatUnsupported, MalformedFile
+from ..backends.gguf_dequant import dequantize
 from ..backends.gguf_file import FLOAT_TYPES, read_gguf
 from ..backends.modules import make_quantized
 from ..backends.registry import get_format
@@ -27,31 +28,58 @@ def register_gguf_folder() -> None:
         folder_paths.folder_names_and_paths[GGUF_FOLDER] = (paths, {".gguf"})
 
 
-def build_state_dict(contents):
-    """Float tensors as they are; quantized ones as meta placeholders of their float shape
-    (what ComfyUI's model detection reads)."""
-    sd = {}
+def build_state_dict(contents, placeholder_dtype=torch.bfloat16, float_names=()):
+    """(state dict, id of each value -> its GGUFTensor). Float tensors as they are; quantized
+    ones as meta placeholders of their float shape (what ComfyUI's model detection reads),
+    except those named in float_names (embeddings), decoded to fp16."""
+    sd, sources = {}, {}
     for name, t in contents.tensors.items():
-        sd[name] = t.data if t.qtype in FLOAT_TYPES else placeholder(t.shape)
-    return sd
+        if t.qtype in FLOAT_TYPES:
+            value = t.data
+        elif name in float_names:
+            value = dequantize(t.data, t.qtype, t.shape, torch.float16)
+        else:
+            value = placeholder(t.shape, placeholder_dtype)
+        sd[name] = value
+        sources[id(value)] = t
+    return sd, sources
 
 
 def load_gguf_model(path: str):
     start = time.perf_counter()
     contents = read_gguf(path)
-    sd = build_state_dict(contents)
+    sd, sources = build_state_dict(contents)
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": gguf_loading_ops()},
                                                        **classic_patcher_kwargs(comfy.sd.load_diffusion_model_state_dict))
     if patcher is None:
         raise MalformedFile(f"{path}: ComfyUI does not recognise this model's architecture "
                             f"(GGUF architecture '{contents.architecture}'). Load GGUF Model reads "
                             f"diffusion models in ComfyUI's own key layout (as ComfyUI-GGUF's converter writes).")
-    diffusion = patcher.model.diffusion_model
     report = QuantReport(target="diffusion model (GGUF file)", format_id="gguf", recipe="file",
                          device="cpu")
-    by_name = _tensor_lookup(contents)
-    for name, module in lazy_layers(diffusion):
-        tensor = by_name(module.gguf_weight)
+    swap_in_quantized(patcher.model.diffusion_model, source_of(sources, _tensor_lookup(contents)),
+                      path, report)
+    settle_stored_dtypes(patcher.model)
+    report.seconds = time.perf_counter() - start
+    patcher.model.quantkit_reports = [report.to_dict()]
+    return new_quantized_patcher(patcher, patcher.model), report
+
+
+def source_of(sources, by_name):
+    """module -> the GGUFTensor its weight came from: by identity, else by key."""
+    def find(module):
+        tensor = sources.get(id(module.gguf_source))
+        return tensor if tensor is not None or module.gguf_weight is None else by_name(module.gguf_weight)
+    return find
+
+
+def swap_in_quantized(root, find, path: str, report: QuantReport) -> None:
+    """Replaces root's lazy layers holding a quantized weight by quantized layers over the
+    file's bytes; records every Linear/Conv layer (quantized or float) in the report."""
+    types = set()
+    for name, module in lazy_layers(root):
+        tensor = find(module)
+        types.add(tensor.qtype)
         adapter, spec = get_format(f"gguf:{tensor.qtype}")
         problem = adapter.supports_shape(spec, torch.Size(tensor.shape))
         if problem:
@@ -60,27 +88,25 @@ def load_gguf_model(path: str):
         bias = module.bias.detach() if module.bias is not None else None
         new = make_quantized(module, adapter, spec, {"weight": tensor.data}, bias,
                              layer_cls=LAYER_CLASSES, shape=tensor.shape, source_dtype=torch.float16)
-        _replace(diffusion, name, new)
+        _replace(root, name, new)
         report.layers.append(LayerRecord(name, tuple(tensor.shape), QUANTIZED, spec.id, "",
                                          torch.Size(tensor.shape).numel() * 2, new.stored_bytes()))
     recorded = {r.name for r in report.layers}
-    for n, m in diffusion.named_modules():
+    for n, m in root.named_modules():
         if getattr(m, "gguf_weight", None) is not None or not hasattr(m, "has_bias"):
             continue
         if m.weight is None:
             raise MalformedFile(f"{path}: layer {n} got no weight from the file.")
         size = sum(p.nelement() * p.element_size() for p in m.parameters(recurse=False))
-        qtype = by_name(f"{n}.weight").qtype
+        tensor = find(m)  # None: from a .safetensors file beside the .gguf
+        qtype = tensor.qtype if tensor is not None else str(m.weight.dtype).removeprefix("torch.")
+        types.add(qtype)
         report.layers.append(LayerRecord(n, tuple(m.weight.shape), KEPT, None,
                                          f"stored as {qtype} in the file", size, size))
         recorded.add(n)
-    settle_stored_dtypes(patcher.model)
-    report.format_id = "types " + ", ".join(sorted({by_name(f"{r.name}.weight").qtype for r in report.layers}))
-    report.other_bytes = sum(p.nelement() * p.element_size() for n, p in diffusion.named_parameters()
-                             if n.rpartition(".")[0] not in recorded)
-    report.seconds = time.perf_counter() - start
-    patcher.model.quantkit_reports = [report.to_dict()]
-    return new_quantized_patcher(patcher, patcher.model), report
+    report.format_id = "types " + ", ".join(sorted(types))
+    report.other_bytes += sum(p.nelement() * p.element_size() for n, p in root.named_parameters()
+                              if n.rpartition(".")[0] not in recorded)
 
 
 def _tensor_lookup(contents):

@@ -17,6 +17,7 @@ PACK_NODES = {  # node id -> display name: what users see, and what workflows st
     "QuantKitQuantizeModel": "Quantize Model",
     "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
     "QuantKitLoadGGUF": "Load GGUF Model",
+    "QuantKitLoadGGUFCLIP": "Load GGUF CLIP",
     "QuantKitMemoryReport": "Memory Report",
     "QuantKitSaveQuantizedModel": "Save Quantized Model",
 }

@@ -1,0 +1,148 @@
+"""Load GGUF CLIP through real ComfyUI on text-encoder files written with gguf-py alone
+(not QuantKit's writer): CLIP-L in ComfyUI's names beside a CLIP-G .safetensors (SDXL),
+and the stand-in T5-XXL in llama.cpp's names (PixArt). Expected values: gguf-py's decoding
+of the same bytes, ComfyUI's own loader on the CLIP source files, and the T5 source tensors.
+
+How to see these fail: swap "ffn_gate" and "ffn_up" in backends/gguf_names.T5_BLOCK (the
+T5 weights land under the wrong names), or drop EMBEDDING_NAMES (a quantized embedding
+fails to load).
+"""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import pack_module
+from harness.standin_clips import PROMPTS, encode, load_family_clip, te_path
+
+import gguf
+from gguf.quants import dequantize as np_dequantize
+from gguf.quants import quantize as np_quantize
+
+modules = pack_module("backends.modules")
+names = pack_module("backends.gguf_names")
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+
+
+def _write(path, tensors, arch, quantize=lambda key, t: False, keep=()):
+    """gguf-py only, streamed (tensor infos first, then each tensor's data, so a 5 GB file
+    never sits in memory): 2-D weights the predicate picks as Q8_0, the rest F16/F32.
+    `tensors` is a function giving (key, tensor) pairs afresh; returns the Q8_0 bytes of
+    the keys in `keep`."""
+    def encoded():
+        for key, tensor in tensors():
+            array = tensor.float().numpy()
+            if tensor.dim() == 2 and tensor.shape[1] % 32 == 0 and quantize(key, tensor):
+                data = np_quantize(array, Q8_0)
+                yield key, data, Q8_0, data.shape  # gguf-py takes the byte shape
+            else:
+                array = array if tensor.dim() <= 1 else array.astype(np.float16)
+                yield key, array, None, array.shape
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, data, raw_dtype, shape in encoded():  # pass 1: what the file will hold
+        writer.add_tensor_info(key, shape, data.dtype, data.nbytes, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    kept = {}
+    for key, data, raw_dtype, _ in encoded():  # pass 2: the data, one tensor at a time
+        writer.write_tensor_data(data)
+        if key in keep:
+            kept[key] = data
+    writer.close()
+    return kept
+
+
+def _safetensors(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+@pytest.fixture(scope="module")
+def te_folder(base_dir):
+    folder = base_dir / "models" / "text_encoders"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def load(comfy, *files, type="sd3"):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitLoadGGUFCLIP"]
+    listed = node.INPUT_TYPES()["required"]["clip_name1"][0]
+    assert all(f in listed for f in files), "the files are listed"
+    out = node().load(files[0], type, *files[1:])
+    return out["result"][0], out["ui"]["text"][0]
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_clip_l_gguf_with_clip_g_safetensors_for_sdxl(comfy, te_folder):
+    import shutil
+    quantized = lambda key, t: ".mlp." in key or "self_attn" in key  # noqa: E731
+    source = lambda: _safetensors(te_path("qk_clip_l.safetensors"))  # noqa: E731
+    picked = _write(te_folder / "clip_l_q8.gguf", source, "clip", quantized,
+                    keep={k for k, t in source() if t.dim() == 2 and quantized(k, t)})
+    shutil.copy(te_path("qk_clip_g.safetensors"), te_folder / "clip_g.safetensors")
+    clip, text = load(comfy, "clip_l_q8.gguf", "clip_g.safetensors", type="sdxl")
+    assert "layers quantized" in text and "Q8_0" in text
+    layers = {n.removeprefix("transformer.") + ".weight": m
+              for n, m in clip.cond_stage_model.clip_l.named_modules() if isinstance(m, modules.QuantizedLayer)}
+    assert set(layers) == set(picked)
+    for key, data in picked.items():
+        want = torch.from_numpy(np_dequantize(data, Q8_0))
+        assert torch.equal(layers[key].dequantized_weight(torch.float32), want), key
+    reference = load_family_clip("sdxl")
+    for prompt in PROMPTS:
+        (ours, ours_pooled), (ref, ref_pooled) = encode(clip, prompt), encode(reference, prompt)
+        assert ours.shape == ref.shape and cosine(ours, ref) > 0.995
+        assert cosine(ours_pooled, ref_pooled) > 0.995
+
+
+@pytest.mark.slow
+@pytest.mark.both_versions
+def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
+    """The 4.7 B-parameter stand-in T5 as a Q8_0 file with llama.cpp's tensor names
+    (token embedding quantized too, as llama.cpp writes it)."""
+    to_llama = {v: k for k, v in names.T5_TOP.items()}
+    block = {v: k for k, v in names.T5_BLOCK.items()}
+
+    def llama_name(key):
+        base, _, leaf = key.rpartition(".")
+        if base in to_llama:
+            return f"{to_llama[base]}.{leaf}"
+        parts = base.split(".", 3)  # encoder, block, N, rest
+        return f"enc.blk.{parts[2]}.{block[parts[3]]}.{leaf}"
+
+    source = lambda: ((llama_name(k), t) for k, t in _safetensors(te_path("qk_t5xxl_fp8.safetensors")))  # noqa: E731
+    picked = _write(te_folder / "t5_llama_q8.gguf", source, "t5encoder", lambda key, t: True,
+                    keep={"token_embd.weight", "enc.blk.0.ffn_gate.weight"})
+    assert set(picked) == {"token_embd.weight", "enc.blk.0.ffn_gate.weight"}
+    clip, text = load(comfy, "t5_llama_q8.gguf", type="pixart")
+    assert "Q8_0" in text
+    t5 = clip.cond_stage_model.t5xxl.transformer
+    wi_0 = t5.encoder.block[0].layer[1].DenseReluDense.wi_0
+    assert isinstance(wi_0, modules.QuantizedLayer)
+    assert torch.equal(wi_0.dequantized_weight(torch.float32),
+                       torch.from_numpy(np_dequantize(picked["enc.blk.0.ffn_gate.weight"], Q8_0)))
+    # every tensor landed under its ComfyUI name: each loaded weight is its source within
+    # Q8_0 rounding (another tensor of the same shape would be ~140 % off)
+    loaded = t5.state_dict()
+    for key, tensor in _safetensors(te_path("qk_t5xxl_fp8.safetensors")):
+        layer = t5.get_submodule(key.rpartition(".")[0])
+        got = layer.dequantized_weight(torch.float32) if isinstance(layer, modules.QuantizedLayer) else loaded[key].float()
+        want = tensor.float()
+        assert ((got - want).norm() / want.norm()).item() < 0.01, key
+    conds = [encode(clip, p)[0] for p in PROMPTS]
+    assert all(torch.isfinite(c).all() for c in conds) and cosine(conds[0], conds[1]) < 0.98
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    del clip, t5, loaded
+    gc.collect()
