@@ -9,8 +9,10 @@ import json
 
 import pytest
 
+from harness import workflow_builder
 from harness.comfy_server import ComfyServer
-from harness.locations import REPO_ROOT
+from harness.gguf_files import llama_cpp_t5_name, safetensors_items, write_file
+from harness.locations import REPO_ROOT, standins_path
 from harness.workflow_api import to_api
 
 pytestmark = pytest.mark.server
@@ -63,3 +65,24 @@ def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
     report = "\n".join(texts)
     assert "diffusion model: torchao:int8wo (pixart recipe)" in report
     assert "t5xxl: torchao:int8wo" in report
+
+
+@pytest.mark.slow
+def test_pixart_gguf_workflow_on_files_other_tools_wrote(tmp_path):
+    """pixart_gguf.json on a PixArt model and a T5 (llama.cpp names) written by gguf-py
+    alone: Load GGUF Model and Load GGUF CLIP, sampled through the server."""
+    models, standins = tmp_path / "base" / "models", standins_path()
+    (models / "diffusion_models").mkdir(parents=True)
+    (models / "text_encoders").mkdir(parents=True)
+    write_file(models / "diffusion_models" / workflow_builder.GGUF_PIXART,
+               lambda: safetensors_items(standins / "diffusion_models" / "qk_pixart_sigma_d2.safetensors"),
+               "pixart", quantize=lambda key, t: t.numel() >= 16384 and key.endswith(".weight"))
+    write_file(models / "text_encoders" / workflow_builder.GGUF_T5,
+               lambda: ((llama_cpp_t5_name(k), t) for k, t in
+                        safetensors_items(standins / "text_encoders" / "qk_t5xxl_fp8.safetensors")),
+               "t5encoder", quantize=lambda key, t: True)
+    size, texts, _ = _run_workflow(tmp_path, "pixart_gguf.json", 320)
+    assert size == (320, 320)
+    report = "\n".join(texts)
+    assert "diffusion model (GGUF file): types F16, Q8_0" in report, report
+    assert "text encoders (GGUF file): types" in report and "Q8_0" in report

@@ -58,6 +58,7 @@ def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label
 
 
 GGUF_SD15 = "quantkit/sd15_Q8_0"
+GGUF_PIXART, GGUF_T5 = "qk_pixart_sigma_d2_Q8_0.gguf", "qk_t5xxl_Q8_0.gguf"
 
 GRAPHS = {
     "sd15_quantized.json": checkpoint_graph("qk_sd15.safetensors", 512, 512, 20, 7.0,
@@ -97,6 +98,21 @@ GRAPHS = {
         9: _report(L(2), L(3), L(8), "sd15_gguf"),
         10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_sd15_gguf"}, None),
         11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_sd15_gguf_memory"}, "Memory chart"),
+    },
+    # GGUF files as other tools write them: a PixArt model and a T5 (any type Load GGUF reads)
+    "pixart_gguf.json": {
+        1: ("QuantKitLoadGGUF", {"gguf_name": GGUF_PIXART}, None),
+        12: ("QuantKitLoadGGUFCLIP", {"clip_name1": GGUF_T5, "type": "pixart", "clip_name2": "none",
+                                      "clip_name3": "none"}, None),
+        13: ("VAELoader", {"vae_name": "qk_sdxl_vae.safetensors"}, None),
+        4: ("CLIPTextEncodePixArtAlpha", {"clip": L(12), "text": PROMPT_POS, "width": 1024, "height": 1024}, "Positive"),
+        5: ("CLIPTextEncodePixArtAlpha", {"clip": L(12), "text": PROMPT_NEG, "width": 1024, "height": 1024}, "Negative"),
+        6: ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None),
+        7: _sampler(L(1), L(4), L(5), L(6), 20, 4.5),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(13)}, None),
+        9: _report(L(1), L(12), L(8), "pixart_gguf"),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_pixart_gguf"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_pixart_gguf_memory"}, "Memory chart"),
     },
     "pixart_quantized.json": {
         1: ("UNETLoader", {"unet_name": "qk_pixart_sigma_d2.safetensors", "weight_dtype": "default"}, None),

@@ -11,58 +11,19 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import pack_module
+from harness.gguf_files import llama_cpp_t5_name, safetensors_items, write_file
 from harness.standin_clips import PROMPTS, encode, load_family_clip, te_path
 
 import gguf
 from gguf.quants import dequantize as np_dequantize
-from gguf.quants import quantize as np_quantize
 
 modules = pack_module("backends.modules")
-names = pack_module("backends.gguf_names")
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
-
-
-def _write(path, tensors, arch, quantize=lambda key, t: False, keep=()):
-    """gguf-py only, streamed (tensor infos first, then each tensor's data, so a 5 GB file
-    never sits in memory): 2-D weights the predicate picks as Q8_0, the rest F16/F32.
-    `tensors` is a function giving (key, tensor) pairs afresh; returns the Q8_0 bytes of
-    the keys in `keep`."""
-    def encoded():
-        for key, tensor in tensors():
-            array = tensor.float().numpy()
-            if tensor.dim() == 2 and tensor.shape[1] % 32 == 0 and quantize(key, tensor):
-                data = np_quantize(array, Q8_0)
-                yield key, data, Q8_0, data.shape  # gguf-py takes the byte shape
-            else:
-                array = array if tensor.dim() <= 1 else array.astype(np.float16)
-                yield key, array, None, array.shape
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, data, raw_dtype, shape in encoded():  # pass 1: what the file will hold
-        writer.add_tensor_info(key, shape, data.dtype, data.nbytes, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    kept = {}
-    for key, data, raw_dtype, _ in encoded():  # pass 2: the data, one tensor at a time
-        writer.write_tensor_data(data)
-        if key in keep:
-            kept[key] = data
-    writer.close()
-    return kept
-
-
-def _safetensors(path):
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +48,8 @@ def cosine(a, b):
 def test_clip_l_gguf_with_clip_g_safetensors_for_sdxl(comfy, te_folder):
     import shutil
     quantized = lambda key, t: ".mlp." in key or "self_attn" in key  # noqa: E731
-    source = lambda: _safetensors(te_path("qk_clip_l.safetensors"))  # noqa: E731
-    picked = _write(te_folder / "clip_l_q8.gguf", source, "clip", quantized,
+    source = lambda: safetensors_items(te_path("qk_clip_l.safetensors"))  # noqa: E731
+    picked = write_file(te_folder / "clip_l_q8.gguf", source, "clip", quantized,
                     keep={k for k, t in source() if t.dim() == 2 and quantized(k, t)})
     shutil.copy(te_path("qk_clip_g.safetensors"), te_folder / "clip_g.safetensors")
     clip, text = load(comfy, "clip_l_q8.gguf", "clip_g.safetensors", type="sdxl")
@@ -111,19 +72,10 @@ def test_clip_l_gguf_with_clip_g_safetensors_for_sdxl(comfy, te_folder):
 def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
     """The 4.7 B-parameter stand-in T5 as a Q8_0 file with llama.cpp's tensor names
     (token embedding quantized too, as llama.cpp writes it)."""
-    to_llama = {v: k for k, v in names.T5_TOP.items()}
-    block = {v: k for k, v in names.T5_BLOCK.items()}
-
-    def llama_name(key):
-        base, _, leaf = key.rpartition(".")
-        if base in to_llama:
-            return f"{to_llama[base]}.{leaf}"
-        parts = base.split(".", 3)  # encoder, block, N, rest
-        return f"enc.blk.{parts[2]}.{block[parts[3]]}.{leaf}"
-
-    source = lambda: ((llama_name(k), t) for k, t in _safetensors(te_path("qk_t5xxl_fp8.safetensors")))  # noqa: E731
-    picked = _write(te_folder / "t5_llama_q8.gguf", source, "t5encoder", lambda key, t: True,
-                    keep={"token_embd.weight", "enc.blk.0.ffn_gate.weight"})
+    source = lambda: ((llama_cpp_t5_name(k), t)  # noqa: E731
+                      for k, t in safetensors_items(te_path("qk_t5xxl_fp8.safetensors")))
+    picked = write_file(te_folder / "t5_llama_q8.gguf", source, "t5encoder", lambda key, t: True,
+                        keep={"token_embd.weight", "enc.blk.0.ffn_gate.weight"})
     assert set(picked) == {"token_embd.weight", "enc.blk.0.ffn_gate.weight"}
     clip, text = load(comfy, "t5_llama_q8.gguf", type="pixart")
     assert "Q8_0" in text
@@ -135,7 +87,7 @@ def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
     # every tensor landed under its ComfyUI name: each loaded weight is its source within
     # Q8_0 rounding (another tensor of the same shape would be ~140 % off)
     loaded = t5.state_dict()
-    for key, tensor in _safetensors(te_path("qk_t5xxl_fp8.safetensors")):
+    for key, tensor in safetensors_items(te_path("qk_t5xxl_fp8.safetensors")):
         layer = t5.get_submodule(key.rpartition(".")[0])
         got = layer.dequantized_weight(torch.float32) if isinstance(layer, modules.QuantizedLayer) else loaded[key].float()
         want = tensor.float()
