@@ -36,6 +36,7 @@ class FormatSpec:
     conv_ok: bool = True  # can hold convolution weights
     compile_ok: bool = True  # forward is torch.compile friendly
     keep_final_projection: bool = False  # 4-bit: leave the output projection in high precision
+    read_only: bool = False  # read from files only: QuantKit has no quantizer for it
 
     def __post_init__(self):
         if self.bits_per_weight <= 0 or self.bits_per_weight > 16:

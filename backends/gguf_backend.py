@@ -13,11 +13,12 @@ from .gguf_quantize import QUANT_TYPES, quantize
 from .registry import register
 
 
-def _fmt(name: str, description: str, fallback=None, nominal_bits: int = 8) -> FormatSpec:
+def _fmt(name: str, description: str, fallback=None, nominal_bits: int = 8,
+         read_only: bool = False) -> FormatSpec:
     qt = QUANT_TYPES[name]
     return FormatSpec(backend="gguf", name=name, bits_per_weight=qt.bits_per_weight,
                       description=description, block_size=qt.block_len, fallback=fallback,
-                      keep_final_projection=nominal_bits <= 4)
+                      keep_final_projection=nominal_bits <= 4, read_only=read_only)
 
 
 @register
@@ -42,6 +43,11 @@ class GGUFAdapter(BackendAdapter):
                      fallback="Q4_0", nominal_bits=3),
         "Q2_K": _fmt("Q2_K", "2-bit K-quant: 256-blocks of 16 sub-blocks, 4-bit scales and mins",
                      fallback="Q4_0", nominal_bits=2),
+        # read from files only (Load GGUF Model / CLIP); not in Quantize Model's list
+        "IQ4_NL": _fmt("IQ4_NL", "4-bit non-linear levels, blocks of 32 with an fp16 scale",
+                       nominal_bits=4, read_only=True),
+        "IQ4_XS": _fmt("IQ4_XS", "4-bit non-linear levels, 256-blocks with 6-bit sub-block scales",
+                       nominal_bits=4, read_only=True),
     }
 
     def quantize(self, weight: torch.Tensor, spec: FormatSpec):

@@ -20,7 +20,7 @@ QK_K = 256
 BLOCK_SIZES: Dict[str, tuple] = {
     "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_0": (32, 18), "Q4_1": (32, 20),
     "Q6_K": (QK_K, 210), "Q5_K": (QK_K, 176), "Q4_K": (QK_K, 144), "Q3_K": (QK_K, 110),
-    "Q2_K": (QK_K, 84),
+    "Q2_K": (QK_K, 84), "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
 }
 FLOAT_TYPES: Dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -148,6 +148,31 @@ def dequant_q2_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (dl * q - ml).reshape(n, QK_K).to(dtype)
 
 
+# -- IQ4 formats: 4-bit indices into a fixed non-linear table (read only: no quantizer) -----
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_values(packed: torch.Tensor) -> torch.Tensor:
+    """[n, ..., 16] index bytes -> [n, ..., 32] table values (low nibbles first)."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=packed.device)
+    return levels[_fields(packed, 4).flatten(-2).long()]
+
+
+def dequant_iq4_nl(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (_f16(blocks[:, 0:2]) * _iq4_values(blocks[:, 2:18])).to(dtype)
+
+
+def dequant_iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = blocks.shape[0]
+    d = _f16(blocks[:, 0:2])
+    high = blocks[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF  # 2 bits per sub-block
+    low = _fields(blocks[:, 4:8], 4).transpose(1, 2).reshape(n, 8).int()  # 4 bits per sub-block
+    shifts = torch.arange(0, 16, 2, device=blocks.device)
+    scales = (low | (((high >> shifts) & 3) << 4)) - 32
+    dl = (d * scales.float()).unsqueeze(-1)
+    return (dl * _iq4_values(blocks[:, 8:136].reshape(n, 8, 16))).reshape(n, QK_K).to(dtype)
+
+
 Dequantizer = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
 DEQUANTIZERS: Dict[str, Dequantizer] = {
@@ -155,6 +180,7 @@ DEQUANTIZERS: Dict[str, Dequantizer] = {
     "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1,
     "Q6_K": dequant_q6_k, "Q5_K": dequant_q5_k, "Q4_K": dequant_q4_k,
     "Q3_K": dequant_q3_k, "Q2_K": dequant_q2_k,
+    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs,
 }
 
 

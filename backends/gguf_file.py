@@ -128,6 +128,33 @@ def _type_name(type_id: int) -> Optional[str]:
         return None
 
 
+def _gguf_py_layout(qtype: str) -> Optional[tuple]:
+    """(block_len, type_size) of a type only gguf-py decodes, or None."""
+    gguf = _gguf()
+    kind = getattr(gguf.GGMLQuantizationType, qtype, None)
+    return gguf.GGML_QUANT_SIZES.get(kind) if kind is not None and qtype not in FLOAT_TYPES else None
+
+
+_DECODED_BY_GGUF_PY: set = set()  # types already announced in the log
+
+
+def _decoded_by_gguf_py(path: str, rt, shape: Tuple[int, ...]) -> GGUFTensor:
+    """A tensor of a type QuantKit has no decoder for, decoded once at load by gguf-py (in
+    numpy, on the CPU: slow) and kept as F16."""
+    qtype = rt.tensor_type.name
+    try:
+        values = _gguf().quants.dequantize(rt.data, rt.tensor_type)
+    except NotImplementedError:
+        raise FormatUnsupported(f"{path}: tensor '{rt.name}' is stored as {qtype}, which the "
+                                f"installed gguf package cannot decode. Update it (pip install -U "
+                                f"gguf) or use a file quantized to {', '.join(SUPPORTED_TYPES)}.") from None
+    if qtype not in _DECODED_BY_GGUF_PY:
+        _DECODED_BY_GGUF_PY.add(qtype)
+        log.warning("QuantKit: GGUF type %s has no QuantKit decoder; its tensors are decoded by "
+                    "gguf-py once at load (slow) and kept in fp16 (more memory than the file).", qtype)
+    return GGUFTensor(rt.name, "F16", shape, torch.from_numpy(values).to(torch.float16).reshape(shape))
+
+
 def _check_layout(buf, path: str) -> None:
     """Walks magic, version, metadata and tensor table with bounds checks; checks every
     tensor's type and that its data lies inside the file."""
@@ -174,11 +201,13 @@ def _check_layout(buf, path: str) -> None:
             raise FormatUnsupported(f"{path}: {what} has GGML type id {type_id}, unknown to the "
                                     f"installed gguf package. Update it (pip install -U gguf) or "
                                     f"re-export the model with a supported type.")
-        if qtype not in SUPPORTED_TYPES:
-            raise FormatUnsupported(f"{path}: {what} is stored as {qtype}, which QuantKit cannot "
-                                    f"decode (it reads {', '.join(SUPPORTED_TYPES)}). Use a file "
-                                    f"quantized to one of these types.")
-        block_len, type_size = BLOCK_SIZES.get(qtype) or _FLOAT_LAYOUT[qtype]
+        layout = BLOCK_SIZES.get(qtype) or _FLOAT_LAYOUT.get(qtype) or _gguf_py_layout(qtype)
+        if layout is None:
+            raise FormatUnsupported(f"{path}: {what} is stored as {qtype}, which neither QuantKit "
+                                    f"nor the installed gguf package can decode (QuantKit reads "
+                                    f"{', '.join(SUPPORTED_TYPES)}). Use a file quantized to one "
+                                    f"of these types.")
+        block_len, type_size = layout
         if dims[0] % block_len:
             raise MalformedFile(f"{path}: {what} is {qtype} but its row length {dims[0]} is not a "
                                 f"multiple of the block size {block_len}: the file is corrupt. "
@@ -256,7 +285,10 @@ def read_gguf(path) -> GGUFContents:
             shape = tuple(int(d) for d in reversed(rt.shape.tolist()))
             if rt.name in orig_shapes:
                 shape = _orig_shape(path, rt.name, orig_shapes[rt.name], int(rt.n_elements))
-            tensors[rt.name] = GGUFTensor(rt.name, qtype, shape, _tensor_data(rt, qtype, shape))
+            if qtype in SUPPORTED_TYPES:
+                tensors[rt.name] = GGUFTensor(rt.name, qtype, shape, _tensor_data(rt, qtype, shape))
+            else:
+                tensors[rt.name] = _decoded_by_gguf_py(path, rt, shape)
     except (MalformedFile, FormatUnsupported):
         raise
     except Exception as exc:  # anything gguf-py trips over that the header walk let through

@@ -73,6 +73,9 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
     weight_of(name, module): the float weight to quantize (lets a host bake patches).
     """
     adapter, spec = get_format(format_id)
+    if spec.read_only:
+        raise QuantKitError(f"'{format_id}' can be read from .gguf files, but QuantKit cannot "
+                            f"produce it. Choose a format from the list, e.g. gguf:Q4_K.")
     check_usable(adapter, spec.name, run_device)
     if exclude:
         try:

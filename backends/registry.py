@@ -33,7 +33,8 @@ def adapters() -> Dict[str, BackendAdapter]:
 
 
 def all_format_ids() -> List[str]:
-    return [spec.id for a in adapters().values() for spec in a.formats.values()]
+    """The formats QuantKit can produce (read-only ones, known from files, left out)."""
+    return [spec.id for a in adapters().values() for spec in a.formats.values() if not spec.read_only]
 
 
 def split_format_id(format_id: str):
@@ -97,7 +98,7 @@ def check_usable(adapter: BackendAdapter, fmt: str, device) -> FormatSpec:
     hw = hardware_problem(spec, torch.device(device))
     if hw:
         alternatives = [s.id for a in adapters().values() for s in a.formats.values()
-                        if s.id != spec.id and usable_problem(a, s, device) is None
+                        if s.id != spec.id and not s.read_only and usable_problem(a, s, device) is None
                         and abs(s.bits_per_weight - spec.bits_per_weight) <= 1.5]
         hint = f" Try {' or '.join(repr(a) for a in alternatives[:3])}." if alternatives else ""
         raise FormatUnsupported(hw + hint)

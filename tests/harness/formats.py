@@ -20,6 +20,6 @@ def cpu_format_ids(registry, hardware_problem):
         if adapter.missing_package():
             continue
         for spec in adapter.formats.values():
-            if hardware_problem(spec, torch.device("cpu")) is None:
+            if not spec.read_only and hardware_problem(spec, torch.device("cpu")) is None:
                 out.append(spec.id)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from conftest import pack_module
 from harness.tiny_models import heavy_tailed
 
 import gguf  # a test dependency (.ci/requirements-dev.txt): missing means failing, not skipping
+from gguf.quants import dequantize as np_dequantize  # noqa: E402
 gf = pack_module("backends.gguf_file")
 gq = pack_module("backends.gguf_quantize")
 dq = pack_module("backends.gguf_dequant")
@@ -145,13 +147,52 @@ def write_one(path, qtype_name, nbytes, shape):
     writer.close()
 
 
-def test_unsupported_type_names_the_tensor(tmp_path):
-    path = tmp_path / "iq.gguf"
-    block_len, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
-    write_one(path, "IQ4_NL", 2 * 256 // block_len * type_size, (2, 256))
+def test_undecodable_type_names_the_tensor(tmp_path):
+    path = tmp_path / "q8k.gguf"  # Q8_K: llama.cpp's internal type, no decoder anywhere
+    block_len, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    write_one(path, "Q8_K", 2 * 256 // block_len * type_size, (2, 256))
     err = read_error(path)
     assert isinstance(err, errors.FormatUnsupported)
-    assert "odd.weight" in str(err) and "IQ4_NL" in str(err)
+    assert "odd.weight" in str(err) and "Q8_K" in str(err)
+
+
+def _random_blocks(qtype_name, rows, cols, seed=8):
+    """Random block bytes with finite fp16 scales (the first two bytes of every block)."""
+    block_len, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]]
+    raw = torch.randint(0, 256, (rows * cols // block_len, type_size), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(seed))
+    raw[:, 0:2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+    return raw.reshape(rows, -1)
+
+
+def _write_blocks(path, qtype_name, raw):
+    writer = gguf.GGUFWriter(str(path), "test")
+    writer.add_tensor("odd.weight", raw.numpy(), raw_dtype=gguf.GGMLQuantizationType[qtype_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_types_are_read_as_they_are(tmp_path, qtype):
+    raw = _random_blocks(qtype, 3, 512)
+    _write_blocks(tmp_path / "iq4.gguf", qtype, raw)
+    t = gf.read_gguf(tmp_path / "iq4.gguf").tensors["odd.weight"]
+    assert t.qtype == qtype and t.shape == (3, 512)
+    want = np_dequantize(raw.numpy(), gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(dq.dequantize(t.data, qtype, t.shape).numpy(), want)
+
+
+def test_types_only_gguf_py_decodes_are_read_as_f16_and_logged_once(tmp_path, caplog):
+    raw = _random_blocks("IQ2_XXS", 2, 512)
+    want = np_dequantize(raw.numpy(), gguf.GGMLQuantizationType.IQ2_XXS).astype(np.float16)
+    for i in range(2):
+        _write_blocks(tmp_path / f"iq2_{i}.gguf", "IQ2_XXS", raw)
+    with caplog.at_level("WARNING"):
+        tensors = [gf.read_gguf(tmp_path / f"iq2_{i}.gguf").tensors["odd.weight"] for i in range(2)]
+    assert all(t.qtype == "F16" and np.array_equal(t.data.numpy(), want) for t in tensors)
+    assert sum("IQ2_XXS" in r.getMessage() for r in caplog.records) == 1
 
 
 def patched(path, tmp_path, marker: bytes, skip: int, fmt: str, value: int):

@@ -11,6 +11,8 @@ import torch
 from conftest import pack_module
 from harness.tiny_models import heavy_tailed
 
+registry = pack_module("backends.registry")
+
 gq = pack_module("backends.gguf_quantize")
 dq = pack_module("backends.gguf_dequant")
 errors = pack_module("backends.errors")
@@ -19,7 +21,9 @@ backend = pack_module("backends.gguf_backend")
 TYPES = list(gq.QUANTIZERS)
 LEGACY = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
 BITS = {"Q8_0": 8.5, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_0": 4.5, "Q4_1": 5.0,
-        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
+        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625,
+        "IQ4_NL": 4.5, "IQ4_XS": 4.25}
+READ_ONLY = {"IQ4_NL", "IQ4_XS"}  # decoded from files, never produced
 # Relative Frobenius error bounds, (N(0, 0.02), Student-t 3 dof at std 0.02), on 256 x 2048:
 # about 10% above what this quantizer measured (ggml's reference is in the same range).
 ERROR_BOUND = {
@@ -130,13 +134,15 @@ ADAPTER = backend.GGUFAdapter()
 
 
 def test_adapter_formats():
-    assert set(ADAPTER.formats) == set(TYPES)
+    assert set(ADAPTER.formats) == set(TYPES) | READ_ONLY
+    assert {n for n, spec in ADAPTER.formats.items() if spec.read_only} == READ_ONLY
+    assert not any(f"gguf:{n}" in registry.all_format_ids() for n in READ_ONLY), "not in the menu"
     assert ADAPTER.missing_package() is None  # in-memory use needs torch only
     for name, spec in ADAPTER.formats.items():
         assert spec.id == f"gguf:{name}"
         assert spec.bits_per_weight == BITS[name]
         assert spec.block_size == gq.QUANT_TYPES[name].block_len
-        assert spec.keep_final_projection == (name in ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"))
+        assert spec.keep_final_projection == (name in ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", *READ_ONLY))
         if name.endswith("_K"):
             fallback = ADAPTER.formats[spec.fallback]
             assert fallback.block_size == 32

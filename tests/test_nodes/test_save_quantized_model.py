@@ -28,7 +28,7 @@ from gguf.quants import quantize as np_quantize
 modules = pack_module("backends.modules")
 errors = pack_module("backends.errors")
 dq = pack_module("backends.gguf_dequant")
-GGUF_TYPES = list(dq.DEQUANTIZERS)
+GGUF_TYPES = list(pack_module("backends.gguf_quantize").QUANTIZERS)
 
 
 def quantized_layers(model):
@@ -195,3 +195,41 @@ def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
                            "--arch", "sdxl"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "could not be read as safetensors" in done.stderr
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_iq4_xs_layers_of_a_file_load_and_run(comfy, folder):
+    """IQ4_XS has no quantizer in QuantKit (gguf-py has none either): random blocks with
+    finite scales stand in for a file made by llama.cpp's tools."""
+    sd = tiny_sd3_state_dict(seed=13)
+    iq4 = gguf.GGMLQuantizationType.IQ4_XS
+    writer = gguf.GGUFWriter(str(folder / "iq4_xs.gguf"), "sd3")
+    expected = {}
+    g = torch.Generator().manual_seed(3)
+    for key, tensor in sorted(sd.items()):
+        if tensor.dim() == 2 and tensor.shape[1] % 256 == 0 and tensor.numel() >= 16384:
+            raw = torch.randint(0, 256, (tensor.shape[0] * tensor.shape[1] // 256, 136), dtype=torch.uint8, generator=g)
+            raw[:, 0:2] = torch.tensor([0.0002], dtype=torch.float16).view(torch.uint8)
+            data = raw.reshape(tensor.shape[0], -1).numpy()
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=iq4)
+            expected[key] = torch.from_numpy(np_dequantize(data, iq4)).reshape(tensor.shape)
+        else:
+            writer.add_tensor(key, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model, text = load(comfy, "iq4_xs.gguf")
+    layers = quantized_layers(model)
+    assert expected and "IQ4_XS" in text
+    for key, want in expected.items():
+        layer = layers[key.rpartition(".")[0]]
+        assert layer.spec.id == "gguf:IQ4_XS"
+        assert torch.equal(layer.dequantized_weight(torch.float32), want), key
+    assert torch.isfinite(denoise(model, sd3_inputs())).all()
+
+
+def test_quantize_model_refuses_a_read_only_type(comfy, source):
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]
+    assert "gguf:IQ4_XS" not in node.INPUT_TYPES()["required"]["format"][0]
+    with pytest.raises(errors.QuantKitError, match="cannot produce it"):
+        node().quantize(source, "gguf:IQ4_XS", "auto")
