@@ -1,15 +1,19 @@
-"""Save Quantized Model: a GGUF-quantized MODEL written as a .gguf file into ComfyUI's
-diffusion model folder, readable by Load GGUF Model and other GGUF loaders."""
+"""Save Quantized Model: a quantized MODEL written into ComfyUI's diffusion model folder,
+as a .gguf file (Load GGUF Model and other GGUF loaders read it) or, on ComfyUI versions
+that load per-layer quantized checkpoints, in ComfyUI's own layout (.safetensors that stock
+ComfyUI loads with its plain loaders)."""
 from __future__ import annotations
 
 import os
 import time
 
+import comfy.utils
 import folder_paths
 
-from ..backends.errors import QuantKitError
+from ..backends.errors import FormatUnsupported, QuantKitError
 from ..backends.gguf_convert import ARCHITECTURES
 from ..backends.gguf_export import describe, save_gguf
+from ..backends.native_export import native_state_dict
 from .quantize_model import detect_family
 
 # ComfyUI model configs whose GGUF architecture name is not their family's
@@ -28,7 +32,17 @@ def diffusion_models_folder() -> str:
     return next((p for p in paths if os.path.basename(os.path.normpath(p)) == "diffusion_models"), paths[0])
 
 
-def output_path(name: str, overwrite: bool) -> str:
+# the node's choice -> core's layer format (None: GGUF)
+FILE_FORMATS = {"gguf": None, "comfy fp8 (float8_e4m3fn)": "float8_e4m3fn",
+                "comfy int8 (int8_tensorwise)": "int8_tensorwise"}
+
+
+def native_checkpoints_supported() -> bool:
+    """ComfyUI loads per-layer `comfy_quant` checkpoints since 0.8 (0.3.75 does not)."""
+    return hasattr(comfy.utils, "detect_layer_quantization")
+
+
+def output_path(name: str, overwrite: bool, extension: str = ".gguf") -> str:
     """The file for `name` inside the first diffusion model folder; refuses names that leave
     it and existing files unless overwrite is set."""
     name = name.strip()
@@ -38,8 +52,8 @@ def output_path(name: str, overwrite: bool) -> str:
     if os.path.isabs(name) or ".." in parts or (len(name) > 1 and name[1] == ":"):
         raise QuantKitError(f"'{name}' is not a name inside ComfyUI's diffusion model folder: "
                             f"use a relative name without '..', e.g. 'quantkit/sdxl_Q8_0'.")
-    if not name.endswith(".gguf"):
-        name += ".gguf"
+    if not name.endswith(extension):
+        name += extension
     folder = os.path.realpath(diffusion_models_folder())
     path = os.path.realpath(os.path.join(folder, *parts[:-1], os.path.basename(name)))
     if os.path.commonpath([folder, path]) != folder:
@@ -51,10 +65,10 @@ def output_path(name: str, overwrite: bool) -> str:
 
 
 class SaveQuantizedModel:
-    DESCRIPTION = ("Writes a MODEL quantized with a gguf:* format (Quantize Model) or read by "
-                   "Load GGUF Model to a .gguf file in models/diffusion_models, where Load GGUF "
-                   "Model and other GGUF loaders find it. The quantized bytes are written as "
-                   "they are: loading the file gives the same model.")
+    DESCRIPTION = ("Writes a quantized MODEL to models/diffusion_models: as a .gguf file (a "
+                   "gguf:* format from Quantize Model or Load GGUF Model; the bytes as they are, "
+                   "so loading it gives the same model), or on current ComfyUI in ComfyUI's own "
+                   "fp8/int8 layout, which stock ComfyUI loads with Load Diffusion Model.")
     CATEGORY = "QuantKit"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -69,17 +83,44 @@ class SaveQuantizedModel:
                          "allowed, '..' and absolute paths are not."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip":
                           "Replace a file of that name. Off: an existing file is an error."}),
+        }, "optional": {
+            "file_format": (list(FILE_FORMATS), {"default": "gguf", "tooltip":
+                            "gguf: the quantized bytes as they are (.gguf). comfy fp8 / int8: "
+                            "ComfyUI's own per-layer layout (.safetensors; current ComfyUI only), "
+                            "each layer re-quantized with one scale per tensor; loads without "
+                            "QuantKit."}),
         }}
 
-    def save(self, model, filename, overwrite=False):
+    def save(self, model, filename, overwrite=False, file_format="gguf"):
         if model.patches:
-            raise QuantKitError("This MODEL carries patches (a LoRA) that a .gguf file cannot "
+            raise QuantKitError("This MODEL carries patches (a LoRA) that the file cannot "
                                 "hold. Connect Save Quantized Model before the LoRA loader.")
-        path = output_path(filename, overwrite)
+        native = FILE_FORMATS[file_format]
+        if native is not None and not native_checkpoints_supported():
+            raise FormatUnsupported(f"'{file_format}' needs a ComfyUI that loads per-layer "
+                                    f"quantized checkpoints (0.8 or later); save as 'gguf' here.")
+        path = output_path(filename, overwrite, ".gguf" if native is None else ".safetensors")
         start = time.perf_counter()
-        arch = architecture(model)
-        tensors = save_gguf(model.model.diffusion_model, path, arch,
-                            {"general.name": os.path.splitext(os.path.basename(path))[0]})
-        text = (f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, architecture {arch}) "
-                f"in {time.perf_counter() - start:.1f} s: {describe(tensors)}")
+        if native is None:
+            arch = architecture(model)
+            tensors = save_gguf(model.model.diffusion_model, path, arch,
+                                {"general.name": os.path.splitext(os.path.basename(path))[0]})
+            what = f"architecture {arch}, {describe(tensors)}"
+        else:
+            sd = native_state_dict(model.model.diffusion_model, native)
+            _save_safetensors(sd, path)
+            what = f"ComfyUI {native} layout, {sum(k.endswith('comfy_quant') for k in sd)} quantized layers"
+        text = (f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {what}) "
+                f"in {time.perf_counter() - start:.1f} s")
         return {"ui": {"text": (text,)}}
+
+
+def _save_safetensors(sd: dict, path: str) -> None:
+    from safetensors.torch import save_file
+    tmp = path + ".partial"
+    try:
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

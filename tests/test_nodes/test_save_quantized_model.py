@@ -233,3 +233,45 @@ def test_quantize_model_refuses_a_read_only_type(comfy, source):
     assert "gguf:IQ4_XS" not in node.INPUT_TYPES()["required"]["format"][0]
     with pytest.raises(errors.QuantKitError, match="cannot produce it"):
         node().quantize(source, "gguf:IQ4_XS", "auto")
+
+
+NATIVE = {"comfy fp8 (float8_e4m3fn)": "float8_e4m3fn", "comfy int8 (int8_tensorwise)": "int8_tensorwise"}
+
+
+@pytest.mark.parametrize("choice", list(NATIVE))
+def test_native_checkpoint_loads_in_stock_comfyui(comfy, source, folder, choice):
+    """Saved in ComfyUI's own per-layer layout, the file loads through core's plain loader
+    (no QuantKit class involved) into core's quantized tensors, and computes what the float
+    model made from the file's own weight * weight_scale computes."""
+    import comfy.sd as comfy_sd
+    import comfy.utils as comfy_utils
+    from safetensors.torch import load_file
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitSaveQuantizedModel"]()
+    quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, "torchao:int8wo", "auto")["result"][0]
+    name = f"native_{NATIVE[choice]}"
+    if not hasattr(comfy_utils, "detect_layer_quantization"):  # ComfyUI 0.3.75
+        with pytest.raises(errors.FormatUnsupported, match="0.8 or later"):
+            node.save(quantized, name, False, choice)
+        assert not (folder / f"{name}.safetensors").exists()
+        return
+    text = node.save(quantized, name, False, choice)["ui"]["text"][0]
+    path = folder / f"{name}.safetensors"
+    assert NATIVE[choice] in text and path.is_file()
+    stock = comfy_sd.load_diffusion_model(str(path))
+    from comfy.quant_ops import QuantizedTensor
+    core_layers = [m for m in stock.model.diffusion_model.modules()
+                   if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+    ours = quantized_layers(quantized)
+    assert len(core_layers) == len(ours)
+    sd = load_file(str(path))
+    floats = {}
+    for key, value in sd.items():
+        if key.endswith((".comfy_quant", ".weight_scale")):
+            continue
+        scale = sd.get(key + "_scale")
+        floats[key] = value.float() * scale if scale is not None else value
+    reference = comfy_sd.load_diffusion_model_state_dict(floats)
+    inputs = sd3_inputs()
+    out, want = denoise(stock, inputs), denoise(reference, inputs)
+    assert ((out - want).norm() / want.norm()).item() < 2e-2
