@@ -98,3 +98,31 @@ def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
     comfy.model_management.unload_all_models()
     del clip, t5, loaded
     gc.collect()
+    (te_folder / "t5_llama_q8.gguf").unlink()
+
+
+@pytest.mark.slow
+def test_sd3_triple_with_t5_in_comfyui_names(comfy, te_folder):
+    """CLIP-L, CLIP-G and T5-XXL .gguf files in ComfyUI's names (as ComfyUI-GGUF's
+    converter writes them), combined for SD3."""
+    big = lambda key, t: t.numel() >= 1 << 20  # noqa: E731
+    for name, source in (("l", "qk_clip_l.safetensors"), ("g", "qk_clip_g.safetensors")):
+        write_file(te_folder / f"sd3_clip_{name}.gguf", lambda s=source: safetensors_items(te_path(s)), "clip", big)
+    picked = write_file(te_folder / "t5_comfy_q8.gguf", lambda: safetensors_items(te_path("qk_t5xxl_fp8.safetensors")),
+                        "t5", big, keep={"encoder.block.3.layer.1.DenseReluDense.wo.weight"})
+    clip, text = load(comfy, "sd3_clip_l.gguf", "sd3_clip_g.gguf", "t5_comfy_q8.gguf", type="sd3")
+    model = clip.cond_stage_model
+    assert all(getattr(model, e, None) is not None for e in ("clip_l", "clip_g", "t5xxl"))
+    wo = model.t5xxl.transformer.encoder.block[3].layer[1].DenseReluDense.wo
+    assert torch.equal(wo.dequantized_weight(torch.float32),
+                       torch.from_numpy(np_dequantize(picked["encoder.block.3.layer.1.DenseReluDense.wo.weight"], Q8_0)))
+    for encoder in ("clip_l", "clip_g", "t5xxl"):
+        assert any(isinstance(m, modules.QuantizedLayer) for m in getattr(model, encoder).modules()), encoder
+    cond, pooled = encode(clip, PROMPTS[0])
+    assert cond.shape[-1] == 4096 and pooled.shape[-1] == 768 + 1280
+    assert torch.isfinite(cond).all() and torch.isfinite(pooled).all()
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    del clip, model, wo
+    gc.collect()
+    (te_folder / "t5_comfy_q8.gguf").unlink()
