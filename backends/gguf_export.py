@@ -45,9 +45,10 @@ def gguf_tensors(root: nn.Module) -> dict:
     return tensors
 
 
-def save_gguf(root: nn.Module, path, arch: str, metadata: Optional[dict] = None) -> dict:
+def save_gguf(root: nn.Module, path, arch: str, metadata: Optional[dict] = None,
+              require_quantized: bool = True) -> dict:
     tensors = gguf_tensors(root)
-    if not any(qtype not in FLOAT_TYPE_OF.values() for qtype, _, _ in tensors.values()):
+    if require_quantized and not any(qtype not in FLOAT_TYPE_OF.values() for qtype, _, _ in tensors.values()):
         raise FormatUnsupported("This model holds no GGUF-quantized layer, so a .gguf file would "
                                 "only repeat its float weights. Quantize it with a gguf:* format "
                                 "first (Quantize Model), or load a .gguf file.")

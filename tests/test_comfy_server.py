@@ -110,16 +110,19 @@ def _small(prompt):
 
 
 def test_gguf_workflows_save_then_load_and_sample(server):
-    """sd15_save_gguf.json writes the quantized model as a .gguf file; sd15_gguf.json loads
-    it with Load GGUF Model and samples; saving again without 'overwrite' is refused."""
+    """sd15_save_gguf.json writes the quantized model and text encoder as .gguf files;
+    sd15_gguf.json loads them with Load GGUF Model and Load GGUF CLIP and samples; saving
+    again without 'overwrite' is refused."""
     load = lambda name: json.loads((REPO_ROOT / "workflows" / name).read_text())  # noqa: E731
     entry = server.run(to_api(load("sd15_save_gguf.json"), server.object_info()), timeout=1200)
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
     path = server.base_dir / "models" / "diffusion_models" / (workflow_builder.GGUF_SD15 + ".gguf")
     assert path.is_file() and any("architecture sd1" in t and "Q8_0" in t for t in texts), texts
+    assert (path.parent.parent.parent / "text_encoders" / (workflow_builder.GGUF_SD15 + "_clip_l.gguf")).is_file()
     entry = server.run(_small(to_api(load("sd15_gguf.json"), server.object_info())), timeout=1200)
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
-    assert any("Q8_0" in t and "layers quantized" in t for t in texts), texts
+    assert any("diffusion model (GGUF file)" in t and "Q8_0" in t for t in texts), texts
+    assert any("text encoders (GGUF file)" in t for t in texts), texts
     images = [i for out in entry["outputs"].values() for i in out.get("images", []) if "_memory" not in i["filename"]]
     from PIL import Image
     assert Image.open(server.base_dir / "output" / images[0]["filename"]).size == (128, 128)

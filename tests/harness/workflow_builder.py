@@ -84,12 +84,15 @@ GRAPHS = {
     "sd15_save_gguf.json": {
         1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd15.safetensors"}, None),
         2: _quant_model(L(1, 0), "gguf:Q8_0"),
-        3: ("QuantKitSaveQuantizedModel", {"model": L(2), "filename": GGUF_SD15, "overwrite": False}, None),
+        4: _quant_clip(L(1, 1), "gguf:Q8_0"),
+        3: ("QuantKitSaveQuantizedModel", {"model": L(2), "clip": L(4), "filename": GGUF_SD15,
+                                           "overwrite": False, "file_format": "gguf"}, None),
     },
     "sd15_gguf.json": {
-        1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd15.safetensors"}, "Text encoder and VAE"),
+        1: ("CheckpointLoaderSimple", {"ckpt_name": "qk_sd15.safetensors"}, "VAE"),
         2: ("QuantKitLoadGGUF", {"gguf_name": GGUF_SD15 + ".gguf"}, None),
-        3: _quant_clip(L(1, 1), "gguf:Q8_0"),
+        3: ("QuantKitLoadGGUFCLIP", {"clip_name1": GGUF_SD15 + "_clip_l.gguf", "type": "stable_diffusion",
+                                     "clip_name2": "none", "clip_name3": "none"}, None),
         4: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_POS}, "Positive"),
         5: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_NEG}, "Negative"),
         6: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None),

@@ -43,8 +43,8 @@ def load(comfy, name):
     return out["result"][0], out["ui"]["text"][0]
 
 
-def save(comfy, model, name, overwrite=False):
-    return comfy.NODE_CLASS_MAPPINGS["QuantKitSaveQuantizedModel"]().save(model, name, overwrite)
+def save(comfy, model, name, overwrite=False, clip=None):
+    return comfy.NODE_CLASS_MAPPINGS["QuantKitSaveQuantizedModel"]().save(model, name, overwrite, clip=clip)
 
 
 def _with_biases(sd):
@@ -275,3 +275,27 @@ def test_native_checkpoint_loads_in_stock_comfyui(comfy, source, folder, choice)
     inputs = sd3_inputs()
     out, want = denoise(stock, inputs), denoise(reference, inputs)
     assert ((out - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_clip_saved_beside_the_model_loads_back_with_load_gguf_clip(comfy, source, folder, base_dir):
+    from harness.standin_clips import encode, load_family_clip
+    quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
+        source, "gguf:Q8_0", "auto")["result"][0]
+    clip = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]().quantize(
+        load_family_clip("sd15"), "gguf:Q8_0", "all")["result"][0]
+    text = save(comfy, quantized, "with_clip", clip=clip)["ui"]["text"][0]
+    te_file = base_dir / "models" / "text_encoders" / "with_clip_clip_l.gguf"
+    assert te_file.is_file() and "clip_l" in text
+    node = comfy.NODE_CLASS_MAPPINGS["QuantKitLoadGGUFCLIP"]
+    assert "with_clip_clip_l.gguf" in node.INPUT_TYPES()["required"]["clip_name1"][0]
+    back = node().load("with_clip_clip_l.gguf", "stable_diffusion")["result"][0]
+    ours = {n: m for n, m in clip.cond_stage_model.clip_l.named_modules() if isinstance(m, modules.QuantizedLayer)}
+    theirs = {n: m for n, m in back.cond_stage_model.clip_l.named_modules() if isinstance(m, modules.QuantizedLayer)}
+    assert set(ours) == set(theirs) and ours
+    assert all(torch.equal(theirs[n].weight, m.weight) for n, m in ours.items())
+    (a, pa), (b, pb) = encode(clip, "a lighthouse"), encode(back, "a lighthouse")
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4) and torch.allclose(pa, pb, rtol=1e-4, atol=1e-4)
+    (folder / "with_clip.gguf").unlink()  # only the encoder's file is left: still refused,
+    with pytest.raises(errors.QuantKitError, match="exists"):  # before anything is written
+        save(comfy, quantized, "with_clip", clip=clip)
+    assert not (folder / "with_clip.gguf").exists()
