@@ -2,8 +2,10 @@
 ComfyUI is available in-process (session fixture `comfy`) and as a server (`server`)."""
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from harness.comfy_inprocess import (make_base_dir, pack_module_name,  # noqa: E
                                      register_bare_pack, start_comfyui)
 
 BASE_DIR = make_base_dir(Path(tempfile.mkdtemp(prefix="quantkit-comfy-")))
+atexit.register(shutil.rmtree, BASE_DIR, True)  # tests write multi-GB model files there
 PACK = pack_module_name(BASE_DIR)
 register_bare_pack(PACK)
 

@@ -10,6 +10,8 @@ fails to load).
 """
 from __future__ import annotations
 
+import gc
+
 import subprocess
 import sys
 
@@ -52,6 +54,16 @@ def _with_biases(sd):
     g = torch.Generator().manual_seed(5)
     return {k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) if k.endswith(".bias") else v
             for k, v in sd.items()}
+
+
+@pytest.fixture(autouse=True)
+def _unload_models_after_each_test():
+    """ComfyUI keeps every model it loaded while RAM lasts; these tests load large text
+    encoders, and the suite's other modules need the room afterwards."""
+    yield
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
