@@ -44,3 +44,14 @@ def comfy():
 @pytest.fixture(scope="session")
 def base_dir():
     return BASE_DIR
+
+
+@pytest.fixture
+def unload_models_after_each_test():
+    """ComfyUI keeps every model it loaded while RAM lasts; modules that load large text
+    encoders use this so that the suite's later modules have the room."""
+    yield
+    import gc
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    gc.collect()

@@ -22,18 +22,9 @@ from harness.standin_clips import PROMPTS, encode, load_family_clip, te_path
 import gguf
 from gguf.quants import dequantize as np_dequantize
 
+pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
 modules = pack_module("backends.modules")
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
-
-
-@pytest.fixture(autouse=True)
-def _unload_models_after_each_test():
-    """ComfyUI keeps every model it loaded while RAM lasts; these tests load large text
-    encoders, and the suite's other modules need the room afterwards."""
-    yield
-    import comfy.model_management
-    comfy.model_management.unload_all_models()
-    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ fails to load).
 """
 from __future__ import annotations
 
-import gc
 
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import gguf
 from gguf.quants import dequantize as np_dequantize
 from gguf.quants import quantize as np_quantize
 
+pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
 modules = pack_module("backends.modules")
 errors = pack_module("backends.errors")
 dq = pack_module("backends.gguf_dequant")
@@ -54,16 +54,6 @@ def _with_biases(sd):
     g = torch.Generator().manual_seed(5)
     return {k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) if k.endswith(".bias") else v
             for k, v in sd.items()}
-
-
-@pytest.fixture(autouse=True)
-def _unload_models_after_each_test():
-    """ComfyUI keeps every model it loaded while RAM lasts; these tests load large text
-    encoders, and the suite's other modules need the room afterwards."""
-    yield
-    import comfy.model_management
-    comfy.model_management.unload_all_models()
-    gc.collect()
 
 
 @pytest.fixture(scope="module")
