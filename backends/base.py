@@ -95,6 +95,11 @@ class BackendAdapter(ABC):
         """y = x W^T + b. Backends with fused kernels override this."""
         return F.linear(x, self.dequantize(parts, spec, shape, x.dtype), bias)
 
+    def decode_plan(self, spec: FormatSpec, shape: torch.Size):
+        """How decode_groups' one-launch kernel decodes this format's weight (a DecodePlan),
+        or None: the format computes its own way."""
+        return None
+
     def supports_shape(self, spec: FormatSpec, shape: torch.Size) -> Optional[str]:
         """Why a weight of this shape cannot be stored in `spec`, or None."""
         width = 1

@@ -67,16 +67,16 @@ def _gguf_kernels():
     return triton_gguf
 
 
-def _triton_ok(t: torch.Tensor) -> bool:
+def triton_ok(t: torch.Tensor) -> bool:
     return _TRITON and t.is_cuda and _capability(t.device) >= TRITON_MIN_CAPABILITY
 
 
 def _use_triton(x2: torch.Tensor, q: torch.Tensor) -> bool:
     return (x2.dtype in _HALF and x2.stride(-1) == 1 and q.is_contiguous()
-            and x2.shape[1] % 16 == 0 and _triton_ok(x2))
+            and x2.shape[1] % 16 == 0 and triton_ok(x2))
 
 
-def _triton_failed(exc: Exception) -> None:
+def triton_failed(exc: Exception) -> None:
     """Stops using Triton in this process, once, saying why (the plain torch paths compute
     the same results, more slowly). Out-of-memory is not a Triton problem: re-raised."""
     global _TRITON
@@ -103,11 +103,11 @@ def quantize_rows_reference(x2: torch.Tensor, qdtype: torch.dtype, qmax: float):
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if q.dim() == 2 and q.is_contiguous() and not torch.compiler.is_compiling() and _triton_ok(q):
+    if q.dim() == 2 and q.is_contiguous() and not torch.compiler.is_compiling() and triton_ok(q):
         try:
             return _kernels().dequantize_rows(q, scale.float().contiguous(), dtype)
         except Exception as exc:
-            _triton_failed(exc)
+            triton_failed(exc)
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
@@ -121,7 +121,7 @@ def decode_gguf_blocks(raw: torch.Tensor, qtype: str, n_weights: int,
     """GGML blocks decoded by one Triton kernel, or None where the torch decoders must do
     it (CPU, under torch.compile, which fuses those, an unknown type or no Triton)."""
     if (raw.is_cuda and not torch.compiler.is_compiling() and raw.is_contiguous()
-            and dtype in (*_HALF, torch.float32) and _triton_ok(raw)):
+            and dtype in (*_HALF, torch.float32) and triton_ok(raw)):
         try:
             kernels = _gguf_kernels()
             if qtype in kernels.TYPES:
@@ -129,7 +129,7 @@ def decode_gguf_blocks(raw: torch.Tensor, qtype: str, n_weights: int,
                 KERNELS["triton:gguf-decode"] += 1
                 return y
         except Exception as exc:
-            _triton_failed(exc)
+            triton_failed(exc)
     return None
 
 
@@ -159,7 +159,7 @@ def _w8a8_eager(x2, q, scale, bias):
         xq, xs = k.quantize_rows(x2, torch.int8, INT8_MAX)
         y = k.int8_weight_matmul(xq, q, scale, xs, bias, x2.dtype)
     except Exception as exc:
-        _triton_failed(exc)
+        triton_failed(exc)
         return _dequant_matmul(x2, q, scale, bias)
     KERNELS["triton:w8a8"] += 1
     return y
@@ -169,7 +169,7 @@ def _w8a16_eager(x2, q, scale, bias):
     try:
         y = _kernels().int8_weight_matmul(x2, q, scale, None, bias, x2.dtype)
     except Exception as exc:
-        _triton_failed(exc)
+        triton_failed(exc)
         return _dequant_matmul(x2, q, scale, bias)
     KERNELS["triton:w8a16"] += 1
     return y
@@ -212,11 +212,11 @@ def fp8_linear(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 def _fp8_rowwise_eager(x2, q, scale, bias):
     KERNELS["scaled_mm:fp8"] += 1
     xq = None
-    if x2.dtype in _HALF and x2.stride(-1) == 1 and _triton_ok(x2):
+    if x2.dtype in _HALF and x2.stride(-1) == 1 and triton_ok(x2):
         try:
             xq, xs = _kernels().quantize_rows(x2, FP8, FP8_MAX)
         except Exception as exc:
-            _triton_failed(exc)
+            triton_failed(exc)
     if xq is None:
         xq, xs = quantize_rows_reference(x2, FP8, FP8_MAX)
     # row-wise scaling writes bf16 only; the bias is fused when it is bf16 as well

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import BackendAdapter, FormatSpec, require_format
+from .decode_groups import DecodePlan
 from .gguf_dequant import dequantize
 from .gguf_quantize import QUANT_TYPES, quantize
 from .registry import register
@@ -56,3 +57,10 @@ class GGUFAdapter(BackendAdapter):
 
     def dequantize(self, parts, spec: FormatSpec, shape: torch.Size, dtype: torch.dtype):
         return dequantize(parts["weight"], spec.name, shape, dtype)
+
+    def decode_plan(self, spec: FormatSpec, shape: torch.Size):
+        try:
+            from .triton_gguf import TYPES  # the types the Triton decoder knows; no Triton, no plan
+        except Exception:  # noqa: BLE001 (Triton missing or broken: layers decode on their own)
+            return None
+        return DecodePlan(spec.name, shape.numel()) if spec.name in TYPES else None

@@ -25,6 +25,9 @@ def _part_param_name(part: str) -> str:
 class QuantizedLayer(nn.Module):
     """Common part of QuantizedLinear and QuantizedConv."""
 
+    decode_group = None  # set by decode_groups.link_decode_groups: decodes with its neighbours
+    decode_index = 0
+
     def __init__(self, adapter: BackendAdapter, spec: FormatSpec, shape, parts: dict,
                  bias: Optional[torch.Tensor], source_dtype: torch.dtype):
         super().__init__()
@@ -73,6 +76,13 @@ class QuantizedLayer(nn.Module):
             b = hook(b)
         return b
 
+    def _grouped_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The weight as its decode group decoded it (no hooks), or None."""
+        group = self.decode_group
+        if group is None or torch.compiler.is_compiling():  # inductor fuses the decoders itself
+            return None
+        return group.weight(self.decode_index, self, x)
+
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         w = self.adapter.dequantize(self.parts(x.device), self.spec, self.weight_shape, x.dtype)
         for hook in self.weight_hooks():
@@ -98,6 +108,9 @@ class QuantizedLinear(QuantizedLayer):
             return self.forward(x.float()).to(x.dtype)
         if self.weight_hooks():
             return F.linear(x, self._weight_for(x), self._bias_for(x))
+        w = self._grouped_weight(x)
+        if w is not None:
+            return F.linear(x, w, self._bias_for(x))
         return self.adapter.linear(x, self.parts(x.device), self.spec, self.weight_shape,
                                    self._bias_for(x))
 
@@ -119,7 +132,9 @@ class QuantizedConv(QuantizedLayer):
         if _cpu_half(x):
             return self.forward(x.float()).to(x.dtype)
         conv = self._CONV[len(self.weight_shape)]
-        w, b = self._weight_for(x), self._bias_for(x)
+        w = None if self.weight_hooks() else self._grouped_weight(x)
+        w = self._weight_for(x) if w is None else w
+        b = self._bias_for(x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(x, w, b, self.stride, 0, self.dilation, self.groups)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .base import parts_nbytes
+from .decode_groups import link_decode_groups
 from .errors import QuantKitError
 from .modules import make_quantized
 from .recipes import Recipe
@@ -104,6 +105,7 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
                                              reason, before, new.stored_bytes()))
         if progress is not None:
             progress(i + 1, len(layers))
+    link_decode_groups(root)
     report.seconds = time.perf_counter() - start
     log.info(report.summary())
     return report

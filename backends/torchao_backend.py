@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast_linear
+from .decode_groups import INT8_ROWS, DecodePlan
 from .base import BackendAdapter, FormatSpec
 from .errors import FormatUnsupported
 from .registry import register
@@ -89,6 +90,11 @@ class TorchAOAdapter(BackendAdapter):
                                                     parts["scales_and_zeros"])
             return wt.t().to(dtype).reshape(shape)
         return fast_linear.dequantize_rows(parts["weight"], parts["scale"], dtype).reshape(shape)
+
+    def decode_plan(self, spec, shape):
+        if spec.name != "int8wo":  # the others quantize activations too, or are not int8 rows
+            return None
+        return DecodePlan(INT8_ROWS, shape.numel(), scale="weight_scale", row_len=shape.numel() // shape[0])
 
     # -- compute --------------------------------------------------------------------
     def linear(self, x, parts, spec, shape, bias):

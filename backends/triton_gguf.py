@@ -70,7 +70,14 @@ def _crumb(p, w):
 @triton.jit
 def _decode_kernel(raw_ptr, out_ptr, n_out, KIND: tl.constexpr, BLOCK_LEN: tl.constexpr,
                    TYPE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _decode_elements(raw_ptr, out_ptr, n_out, tl.program_id(0), KIND, BLOCK_LEN, TYPE_SIZE, BLOCK)
+
+
+@triton.jit
+def _decode_elements(raw_ptr, out_ptr, n_out, pid, KIND: tl.constexpr, BLOCK_LEN: tl.constexpr,
+                     TYPE_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Output elements [pid * BLOCK, (pid + 1) * BLOCK) of one tensor of type KIND."""
+    o = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = o < n_out
     o = tl.where(inside, o, 0)
     w = (o % BLOCK_LEN).to(tl.int32)

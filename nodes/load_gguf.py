@@ -8,6 +8,7 @@ import torch
 import comfy.sd
 import folder_paths
 
+from ..backends.decode_groups import link_decode_groups
 from ..backends.errors import FormatUnsupported, MalformedFile
 from ..backends.gguf_dequant import dequantize
 from ..backends.gguf_file import FLOAT_TYPES, read_gguf
@@ -91,6 +92,7 @@ def swap_in_quantized(root, find, path: str, report: QuantReport) -> None:
         _replace(root, name, new)
         report.layers.append(LayerRecord(name, tuple(tensor.shape), QUANTIZED, spec.id, "",
                                          torch.Size(tensor.shape).numel() * 2, new.stored_bytes()))
+    link_decode_groups(root)
     recorded = {r.name for r in report.layers}
     for n, m in root.named_modules():
         if getattr(m, "gguf_weight", None) is not None or not hasattr(m, "has_bias"):
