@@ -50,6 +50,12 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
             import comfy.cli_args  # noqa: F401  (parses sys.argv now)
         finally:
             sys.argv = saved
+        from harness.comfy_inprocess import dynamic_vram_wanted, enable_dynamic_vram_as_main_does
+        if not cpu and dynamic_vram_wanted():  # as main.py: on by default on NVIDIA since 0.16
+            import comfy_aimdo.control
+            comfy_aimdo.control.init()
+            import comfy.model_management  # noqa: F401
+            enable_dynamic_vram_as_main_does()
     logging.getLogger().setLevel(logging.WARNING)
     import comfy.model_management
     import comfy.model_patcher
@@ -78,6 +84,8 @@ def _load_pack() -> types.SimpleNamespace:
         registry=mod("backends.registry"), base=mod("backends.base"),
         modules=mod("backends.modules"), gguf_file=mod("backends.gguf_file"),
         gguf_export=mod("backends.gguf_export"), fast_linear=mod("backends.fast_linear"),
+        decode_groups=mod("backends.decode_groups"), native_export=mod("backends.native_export"),
+        recipes=mod("backends.recipes"), memory_census=mod("backends.memory_census"),
         clone_and_quantize=mod("nodes.clone_and_quantize"), load_gguf=mod("nodes.load_gguf"),
         nodes=mod("nodes"))
 
@@ -86,8 +94,10 @@ def versions(env) -> dict:
     import platform
 
     import torch
+    memory = sys.modules.get("comfy.memory_management")  # 0.16+
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           "comfyui": _comfyui_version(env.root)}
+           "comfyui": _comfyui_version(env.root),
+           "dynamic_vram": bool(getattr(memory, "aimdo_enabled", False))}
     from importlib import metadata
     for pkg in ("torchao", "bitsandbytes", "optimum-quanto", "gguf", "transformers"):
         try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from . import formats as F
-from . import gguf_io, models, step_profile
-from .measure import free, module_bytes, peak_during, rel_error, sync, time_calls
+from . import gguf_io, models, native_models, step_profile
+from .measure import free, peak_during, rel_error, sync, time_calls
 from .weights import fill_state_dict
 
 log = logging.getLogger("quantkit.bench")
@@ -43,8 +43,10 @@ def compile_model(env, patcher):
 def make_model(env, spec, sd, fmt, device) -> tuple:
     """(patcher, seconds to build or quantize). Quantized formats go through the pack's
     Quantize Model node on a bf16 source model, as a workflow does."""
-    if fmt in F.BASELINES:
-        patcher = models.build_diffusion(env, spec, sd, F.BASELINES[fmt], device)
+    if fmt in F.BASELINES or fmt in F.LOADED:
+        patcher = native_models.build(env, spec, sd, fmt)
+        if patcher is None:
+            patcher = models.build_diffusion(env, spec, sd, F.BASELINES[fmt], device)
         sync(device)
         return patcher, None
     source = models.build_diffusion(env, spec, sd, models.compute_dtype(device), device)
@@ -66,12 +68,22 @@ def _error_text(exc: BaseException) -> str:
 
 def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, tmpdir,
                    compiled: bool = False):
+    env.pack.decode_groups.ENABLED = not fmt.endswith(F.PER_LAYER)
+    try:
+        return _measure(env, spec, sd, F.base(fmt), inputs, device, rec, dist, refs, timing,
+                        tmpdir, compiled, roundtrip=not fmt.endswith(F.PER_LAYER))
+    finally:
+        env.pack.decode_groups.ENABLED = True
+
+
+def _measure(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, tmpdir,
+             compiled: bool, roundtrip: bool):
     patcher, quant_s = make_model(env, spec, sd, fmt, device)
     if compiled:
         patcher = compile_model(env, patcher)
     free(device)
     env.mm.load_models_gpu([patcher])
-    weights = module_bytes(patcher.model.diffusion_model)
+    weights = env.pack.memory_census.census_tree(patcher.model.diffusion_model).stored_bytes  # core's tensors too
     denoised, extra = peak_during(lambda: models.step(patcher, inputs), device)
     out = models.raw_output(denoised, inputs)
     errs = rec.setdefault("rel_err", {}).setdefault(dist, {})
@@ -90,7 +102,7 @@ def measure_format(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: 
         rec["kernels"] = dict(kernels)
         if PROFILE:
             rec["profile"] = step_profile.where_time_goes(lambda: models.step(patcher, inputs), device)
-        if fmt in F.GGUF_LOAD and fmt.startswith("gguf:") and not compiled:
+        if roundtrip and fmt in F.GGUF_LOAD and not compiled:
             rec["gguf"] = _gguf_roundtrip(env, spec, patcher, inputs, out, device, tmpdir)
     env.mm.unload_all_models()
     del patcher
