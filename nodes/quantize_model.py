@@ -49,12 +49,14 @@ class QuantizeModel:
                 "format": (all_format_ids(), {
                     "default": default_format(),
                     "tooltip": "backend:format. 8-bit formats keep quality close to bf16 at half "
-                               "the size; 4-bit formats save more and lose more. Fast on NVIDIA "
-                               "GPUs: torchao:int8wo, int8dq and fp8dq (fused 8-bit kernels), "
-                               "every gguf type (one decode kernel per layer; gguf:Q8_0 is the "
-                               "most faithful 8-bit format) and bnb:nf4. On a CPU int8dq, the "
-                               "default there, is 1.2-1.8x faster than fp32. quanto and "
-                               "torchao:int4wo rebuild each layer's weight in several steps "
+                               "the size; 4-bit formats save more and lose more. Fastest on "
+                               "NVIDIA GPUs: torchao:int8wo (the default) and every gguf type "
+                               "(gguf:Q8_0 is the most faithful 8-bit format): layers called one "
+                               "after another decode their weights in one kernel, near bf16's "
+                               "step time. torchao:int8dq and fp8dq (fused 8-bit kernels) and "
+                               "bnb:nf4 are fast on DiTs (PixArt, SD3), slower on UNets. On a CPU "
+                               "int8dq, the default there, is 1.2-1.8x faster than fp32. quanto "
+                               "and torchao:int4wo rebuild each layer's weight in several steps "
                                "(slower). Formats marked CUDA in the README need an NVIDIA GPU."}),
                 "recipe": (DIFFUSION_RECIPES, {
                     "default": "auto",
