@@ -19,12 +19,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .errors import MalformedFile, QuantKitError
+from .errors import QuantKitError
 from .gguf_export import describe, float_entry
 from .gguf_file import write_gguf
 from .quantize import plan_layer
 from .recipes import RECIPES, get_recipe
 from .registry import get_format
+from .safetensors_file import read_safetensors
 
 # general.architecture (as ComfyUI-GGUF names them) -> the recipe of that family
 ARCHITECTURES = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart",
@@ -35,16 +36,12 @@ CHECKPOINT_PREFIX = "model.diffusion_model."
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """The diffusion model's tensors of a .safetensors file, in ComfyUI's key layout."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-            if any(k.startswith(CHECKPOINT_PREFIX) for k in keys):
-                keys = [k for k in keys if k.startswith(CHECKPOINT_PREFIX)]
-            return {k.removeprefix(CHECKPOINT_PREFIX): f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MalformedFile(f"{path} could not be read as safetensors ({exc}). Convert a "
-                            f".safetensors diffusion model or checkpoint.") from None
+    def diffusion_model(keys):
+        if any(k.startswith(CHECKPOINT_PREFIX) for k in keys):
+            return [k for k in keys if k.startswith(CHECKPOINT_PREFIX)]
+        return keys
+    tensors = read_safetensors(path, diffusion_model)
+    return {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in tensors.items()}
 
 
 def quantized_tensors(state_dict: Dict[str, torch.Tensor], format_id: str, recipe_name: str,

@@ -18,6 +18,7 @@ from ..backends.report import KEPT, QUANTIZED, LayerRecord, QuantReport
 from .comfy_layers import LAYER_CLASSES
 from .comfy_patcher import classic_patcher_kwargs, new_quantized_patcher, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder
+from .model_paths import model_file
 
 GGUF_FOLDER = "quantkit_gguf"
 
@@ -146,6 +147,6 @@ class LoadGGUF:
             "tooltip": "A .gguf file from models/diffusion_models (or models/unet)."})}}
 
     def load(self, gguf_name):
-        path = folder_paths.get_full_path_or_raise(GGUF_FOLDER, gguf_name)
+        path = model_file(GGUF_FOLDER, gguf_name)
         model, report = load_gguf_model(path)
         return {"ui": {"text": (report.summary(),)}, "result": (model,)}

@@ -9,16 +9,17 @@ import torch
 
 import comfy.model_management
 import comfy.sd
-import comfy.utils
 import folder_paths
 
 from ..backends.errors import MalformedFile
 from ..backends.gguf_file import read_gguf
 from ..backends.gguf_names import EMBEDDING_NAMES, is_llama_cpp_t5, rename_llama_cpp_t5
 from ..backends.report import QuantReport
+from ..backends.safetensors_file import read_safetensors
 from .comfy_patcher import new_quantized_patcher, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops
 from .load_gguf import build_state_dict, source_of, swap_in_quantized
+from .model_paths import model_file
 
 TE_FOLDER = "quantkit_gguf_text_encoders"
 NONE = "none"
@@ -35,7 +36,7 @@ def register_text_encoder_folder() -> None:
 
 def _state_dict(path: str, sources: dict) -> dict:
     if path.endswith(".safetensors"):
-        return comfy.utils.load_torch_file(path, safe_load=True)
+        return read_safetensors(path)
     if not path.endswith(".gguf"):
         raise MalformedFile(f"{path}: Load GGUF CLIP reads .gguf and .safetensors files only.")
     contents = read_gguf(path)
@@ -101,6 +102,6 @@ class LoadGGUFCLIP:
 
     def load(self, clip_name1, type="sd3", clip_name2=NONE, clip_name3=NONE):
         names = [n for n in (clip_name1, clip_name2, clip_name3) if n and n != NONE]
-        paths = [folder_paths.get_full_path_or_raise(TE_FOLDER, n) for n in names]
+        paths = [model_file(TE_FOLDER, n) for n in names]
         clip, report = load_gguf_clip(paths, type)
         return {"ui": {"text": (report.summary(),)}, "result": (clip,)}

@@ -14,6 +14,7 @@ from ..backends.errors import FormatUnsupported, QuantKitError
 from ..backends.gguf_convert import ARCHITECTURES
 from ..backends.gguf_export import describe, save_gguf
 from ..backends.native_export import native_state_dict
+from .model_paths import escapes
 from .quantize_model import detect_family
 
 # ComfyUI model configs whose GGUF architecture name is not their family's
@@ -52,7 +53,7 @@ def output_path(name: str, overwrite: bool, extension: str = ".gguf",
     if not name:
         raise QuantKitError("Give the file a name, e.g. 'quantkit/sdxl_Q8_0'.")
     parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+    if escapes(name):
         raise QuantKitError(f"'{name}' is not a name inside ComfyUI's models/{kind} folder: "
                             f"use a relative name without '..', e.g. 'quantkit/sdxl_Q8_0'.")
     if not name.endswith(extension):

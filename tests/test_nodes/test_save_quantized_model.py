@@ -195,7 +195,7 @@ def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
     bad.write_bytes(b"\x80\x04not a safetensors file")
     done = subprocess.run([sys.executable, "-m", "backends.gguf_convert", str(bad), str(tmp_path / "o.gguf"),
                            "--arch", "sdxl"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "could not be read as safetensors" in done.stderr
+    assert done.returncode == 2 and "is not a valid .safetensors file" in done.stderr
     assert not (tmp_path / "o.gguf").exists()
 
 
