@@ -37,8 +37,26 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, CPU allocator
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in _OOM_WORDS)
+
+
+def out_of_memory_advice(work_device) -> str:
+    """What to do when quantizing on `work_device` ran out of memory: a route that needs less."""
+    if torch.device(work_device).type != "cpu":
+        return ("Set 'quantize_on' to 'cpu' (the math then uses RAM, not GPU memory), or free "
+                "GPU memory first.")
+    return ("The quantized copy is built in RAM beside the input model: free RAM (unload other "
+            "models, close other programs), choose a smaller format (e.g. gguf:Q4_K, about 4.5 "
+            "bits), or convert the model once outside ComfyUI (python -m backends.gguf_convert, "
+            "see the README) and load the .gguf with Load GGUF Model, which never holds the "
+            "16-bit model.")
 
 
 def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[str]):
@@ -112,10 +130,12 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
 
 
 def _quantize_layer(name, module, adapter, spec, work_device, weight_of, layer_cls):
-    weight = weight_of(name, module) if weight_of is not None else module.weight.detach()
+    shape = tuple(module.weight.shape)
     store_device = module.weight.device
     try:
+        weight = weight_of(name, module) if weight_of is not None else module.weight.detach()
         parts = adapter.quantize(weight.to(work_device, torch.float32), spec)
+        parts = {k: v.to(store_device) for k, v in parts.items()}
     except QuantKitError:
         raise
     except Exception as exc:
@@ -123,12 +143,10 @@ def _quantize_layer(name, module, adapter, spec, work_device, weight_of, layer_c
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise QuantKitError(
-                f"Ran out of memory on {work_device} while quantizing layer '{name}' "
-                f"{tuple(weight.shape)} to {spec.id}. The input model is unchanged. Quantize on "
-                f"the CPU instead (set 'quantize_on' to 'cpu'), or free memory first.") from exc
-        raise QuantKitError(f"Quantizing layer '{name}' {tuple(weight.shape)} to {spec.id} "
+                f"Ran out of memory on {work_device} while quantizing layer '{name}' {shape} to "
+                f"{spec.id}. The input model is unchanged. {out_of_memory_advice(work_device)}") from exc
+        raise QuantKitError(f"Quantizing layer '{name}' {shape} to {spec.id} "
                             f"failed: {type(exc).__name__}: {exc}") from exc
-    parts = {k: v.to(store_device) for k, v in parts.items()}
     bias = module.bias.detach() if module.bias is not None else None
     new = make_quantized(module, adapter, spec, parts, bias, layer_cls)
     log.debug("%s -> %s (%d bytes)", name, spec.id, parts_nbytes(parts))

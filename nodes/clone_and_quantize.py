@@ -64,6 +64,9 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
 
         def progress(i, n, base=done[0]):
             bar.update_absolute(base + i, total)
+            # Between layers: Cancel stops the node within one layer, also where no
+            # progress hook checks (in-process use, or 0.33 throttling the hook's calls).
+            comfy.model_management.throw_exception_if_processing_interrupted()
 
         report = quantize_tree(_subtree(new_root, path), format_id, get_recipe(recipe_name),
                                target=label, exclude=exclude or None,

@@ -50,10 +50,11 @@ def write_model_paths(path: Path, models_root: Path) -> Path:
 
 class ComfyServer:
     def __init__(self, base_dir: Path, models_root: Optional[Path] = None, extra_args=(),
-                 python: Optional[str] = None):
+                 python: Optional[str] = None, extra_env: Optional[dict] = None):
         self.base_dir = make_base_dir(Path(base_dir))
         self.models_root = Path(models_root) if models_root else standins_path()
         self.extra_args = list(extra_args)
+        self.extra_env = dict(extra_env or {})
         self.python = python or sys.executable
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,7 +68,7 @@ class ComfyServer:
         cmd = [self.python, str(SERVER_MAIN), *device_args(), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--extra-model-paths-config", str(paths),
                "--disable-auto-launch", *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -126,6 +127,13 @@ class ComfyServer:
                 return json.loads(r.read().decode())
         except urllib.error.HTTPError as e:
             raise ServerError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
+
+    def interrupt(self) -> None:
+        """POST /interrupt, what the frontend's Cancel button sends (the answer is no JSON)."""
+        req = urllib.request.Request(self.url + "/interrupt", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
 
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=120)
