@@ -57,11 +57,6 @@ _BUFFERS: Dict[tuple, _Buffer] = {}
 _largest_group = [0]  # weights of the largest group linked so far: the buffer's size
 
 
-def release_buffers() -> None:
-    """Frees the shared decode buffers (they come back at the next grouped call)."""
-    _BUFFERS.clear()
-
-
 def _kernels():
     from . import triton_grouped  # imports triton: only ever reached on a CUDA device
     return triton_grouped
