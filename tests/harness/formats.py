@@ -16,9 +16,9 @@ OUTPUT_TOLERANCE = {
 def cpu_format_ids(registry, hardware_problem):
     import torch
     out = []
+    # a backend whose package is missing keeps its formats here: their tests fail, saying
+    # which package to install, rather than the parametrisation shrinking unnoticed
     for adapter in registry.adapters().values():
-        if adapter.missing_package():
-            continue
         for spec in adapter.formats.values():
             if not spec.read_only and hardware_problem(spec, torch.device("cpu")) is None:
                 out.append(spec.id)

@@ -31,7 +31,7 @@ def gpu_formats():
     if not torch.cuda.is_available():
         return registry.all_format_ids()
     return [s.id for a in registry.adapters().values() for s in a.formats.values()
-            if base.hardware_problem(s, torch.device("cuda")) is None and not a.missing_package()
+            if base.hardware_problem(s, torch.device("cuda")) is None
             and not s.read_only]  # read-only formats come from .gguf files, not Quantize Model
 
 
