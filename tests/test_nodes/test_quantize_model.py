@@ -7,6 +7,7 @@ import torch
 
 from conftest import pack_module
 from harness.formats import OUTPUT_TOLERANCE, cpu_format_ids
+from harness.noise_reference import noise_floor_error, output_error_band, quantized_layer_names
 from harness.state_hash import state_digest
 from harness.tiny_models import denoise, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
 
@@ -25,6 +26,14 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def upstream(comfy):
     patcher = tiny_sd3_patcher()
+    inputs = sd3_inputs()
+    return patcher, inputs, denoise(patcher, inputs), _snapshot(patcher)
+
+
+@pytest.fixture(scope="module")
+def upstream_gaussian(comfy):
+    """N(0, 0.02) weights: where the rate-distortion band of every format is known."""
+    patcher = tiny_sd3_patcher(heavy=False)
     inputs = sd3_inputs()
     return patcher, inputs, denoise(patcher, inputs), _snapshot(patcher)
 
@@ -52,15 +61,19 @@ def test_every_format_has_a_stated_tolerance():
 
 
 @pytest.mark.parametrize("fmt", CPU_FORMATS, ids=CPU_FORMATS)
-def test_quantized_model_output_bytes_and_upstream(comfy, upstream, fmt):
-    patcher, inputs, reference, snapshot = upstream
+def test_quantized_model_output_bytes_and_upstream(comfy, upstream_gaussian, fmt):
+    patcher, inputs, reference, snapshot = upstream_gaussian
     quantized, text = quantize(comfy, patcher, fmt)
     assert "layers quantized" in text
     out = denoise(quantized, inputs)
     err = rel(out, reference)
-    print(f"{fmt}: relative output error {err:.4f} (bound {OUTPUT_TOLERANCE[fmt]})")
+    floor = noise_floor_error(tiny_sd3_patcher(heavy=False), quantized_layer_names(quantized.model), denoise,
+                              inputs, reference)
+    low, high = output_error_band(floor)
+    print(f"{fmt}: relative output error {err:.5f}, float noise floor {floor:.5f}, "
+          f"ratio {err / floor:.2f} (band {low:.5f}-{high:.5f})")
     assert torch.isfinite(out).all()
-    assert err < OUTPUT_TOLERANCE[fmt]
+    assert low <= err <= high, f"{fmt}: output error {err:.5f} outside its physics band {low:.5f}-{high:.5f}"
     layers = [m for m in quantized.model.modules() if isinstance(m, modules.QuantizedLayer)]
     assert len(layers) >= 30
     for layer in layers:  # bytes as the format promises (payload + scales)
@@ -74,6 +87,24 @@ def test_quantized_model_output_bytes_and_upstream(comfy, upstream, fmt):
     assert quantized.model is not patcher.model
     _assert_unchanged(patcher, snapshot)
     assert torch.equal(denoise(patcher, inputs), reference)
+
+
+def test_output_band_fails_a_format_that_is_not_what_it_claims(comfy, upstream_gaussian):
+    """The band of the test above can fail: 8-bit payloads reported as Q4_K (4.5 bits)
+    fall below it, 2.6-bit Q2_K payloads reported as Q4_K above it (same layers: the
+    final projection excluded, as at 4 bits)."""
+    patcher, inputs, reference, _ = upstream_gaussian
+    honest, _ = quantize(comfy, patcher, "gguf:Q4_K")
+    layers = quantized_layer_names(honest.model)
+    q4k = next(iter(layers.values()))
+    floor = noise_floor_error(tiny_sd3_patcher(heavy=False), layers, denoise, inputs, reference)
+    low, high = output_error_band(floor)
+    for fmt, side in (("gguf:Q8_0", "below"), ("gguf:Q2_K", "above")):
+        impostor, _ = quantize(comfy, patcher, fmt, exclude="final_layer.linear")
+        assert set(quantized_layer_names(impostor.model)) == set(layers), fmt
+        err = rel(denoise(impostor, inputs), reference)
+        print(f"{fmt} claimed as {q4k.id}: error {err:.5f}, band {low:.5f}-{high:.5f}")
+        assert (err < low) if side == "below" else (err > high), (fmt, err, low, high)
 
 
 @pytest.mark.parametrize("fmt", ["torchao:int8wo", "gguf:Q4_K"], ids=["int8wo", "Q4_K"])
