@@ -18,10 +18,10 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    f"{PREFIX}QuantizeModel": "Quantize Model",
-    f"{PREFIX}QuantizeTextEncoder": "Quantize Text Encoder",
-    f"{PREFIX}LoadGGUF": "Load GGUF Model",
-    f"{PREFIX}LoadGGUFCLIP": "Load GGUF CLIP",
-    f"{PREFIX}MemoryReport": "Memory Report",
-    f"{PREFIX}SaveQuantizedModel": "Save Quantized Model",
+    f"{PREFIX}QuantizeModel": "Quantize Model (QuantKit)",
+    f"{PREFIX}QuantizeTextEncoder": "Quantize Text Encoder (QuantKit)",
+    f"{PREFIX}LoadGGUF": "Load GGUF Model (QuantKit)",
+    f"{PREFIX}LoadGGUFCLIP": "Load GGUF CLIP (QuantKit)",
+    f"{PREFIX}MemoryReport": "Memory Report (QuantKit)",
+    f"{PREFIX}SaveQuantizedModel": "Save Quantized Model (QuantKit)",
 }

@@ -14,12 +14,12 @@ from .locations import REPO_ROOT, comfyui_path
 
 PACK_LINK_NAME = "ComfyUI-QuantKit-under-test"  # not the repo's folder name, on purpose
 PACK_NODES = {  # node id -> display name: what users see, and what workflows store
-    "QuantKitQuantizeModel": "Quantize Model",
-    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder",
-    "QuantKitLoadGGUF": "Load GGUF Model",
-    "QuantKitLoadGGUFCLIP": "Load GGUF CLIP",
-    "QuantKitMemoryReport": "Memory Report",
-    "QuantKitSaveQuantizedModel": "Save Quantized Model",
+    "QuantKitQuantizeModel": "Quantize Model (QuantKit)",
+    "QuantKitQuantizeTextEncoder": "Quantize Text Encoder (QuantKit)",
+    "QuantKitLoadGGUF": "Load GGUF Model (QuantKit)",
+    "QuantKitLoadGGUFCLIP": "Load GGUF CLIP (QuantKit)",
+    "QuantKitMemoryReport": "Memory Report (QuantKit)",
+    "QuantKitSaveQuantizedModel": "Save Quantized Model (QuantKit)",
 }
 
 
