@@ -153,3 +153,16 @@ def test_sd15_workflow_produces_an_image(server):
     assert Image.open(server.base_dir / "output" / picture["filename"]).size == (128, 128)
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
     assert any("torchao:int8wo" in t for t in texts), "the report names the format used"
+
+
+def test_bundled_workflows_are_templates_with_thumbnails(server):
+    """ComfyUI's Templates browser lists a pack's workflows/ and shows <name>.jpg beside
+    each (app/custom_node_manager.py; the frontend asks for `.jpg`)."""
+    names = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
+    listed = server.get("/workflow_templates")
+    assert sorted(listed.get(PACK_LINK_NAME, [])) == names, listed
+    for name in names:
+        picture = server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")
+        assert picture[:3] == b"\xff\xd8\xff" and 2_000 < len(picture) < 200_000, name
+        saved = server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        assert json.loads(saved)["nodes"], name

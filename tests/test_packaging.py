@@ -98,7 +98,8 @@ def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
     script = tmp_path / "no_backends.py"
     script.write_text(_WITHOUT_OPTIONAL_BACKENDS)
     done = subprocess.run([sys.executable, str(script), str(REPO_ROOT / "tests")], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "tests")})
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 0, done.stderr[-3000:]
     error = [l for l in done.stdout.splitlines() if l.startswith("ERROR")]
     assert error and "torchao" in error[0] and "pip install" in error[0], done.stdout[-2000:]
