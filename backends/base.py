@@ -34,7 +34,6 @@ class FormatSpec:
     block_size: int = 1  # the flattened input width must be a multiple of this
     fallback: Optional[str] = None  # format used for layers whose width is not block-aligned
     conv_ok: bool = True  # can hold convolution weights
-    compile_ok: bool = True  # forward is torch.compile friendly
     keep_final_projection: bool = False  # 4-bit: leave the output projection in high precision
     read_only: bool = False  # read from files only: QuantKit has no quantizer for it
 

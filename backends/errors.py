@@ -19,3 +19,10 @@ class UnknownFormat(QuantKitError):
 
 class MalformedFile(QuantKitError):
     """A model file that cannot be read safely."""
+
+
+class UnknownRecipe(QuantKitError, KeyError):
+    """A recipe name that no recipe table entry has."""
+
+    def __str__(self):  # KeyError's own __str__ would quote the message
+        return str(self.args[0])

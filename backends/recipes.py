@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
+from .errors import UnknownRecipe
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -15,7 +17,6 @@ class Recipe:
     keep: Tuple[str, ...] = ()  # always high precision: embeddings, first/last layers
     final_projection: Tuple[str, ...] = ()  # also kept when the format is 4-bit or less
     min_params: int = 16384  # smaller layers are kept: saving nothing, costing accuracy
-    notes: str = ""
 
     def __post_init__(self):
         if self.min_params < 0:
@@ -28,16 +29,11 @@ _DIT_KEEP = (r"^x_embedder\.", r"^t_embedder\.", r"^y_embedder\.mlp\.", r"^t_blo
              r"^csize_embedder\.")
 
 RECIPES: Dict[str, Recipe] = {
-    "sd15": Recipe("sd15", keep=_UNET_KEEP, final_projection=(r"^out\.",),
-                   notes="SD1.5 UNet: first/last convs and timestep embedding kept."),
-    "sdxl": Recipe("sdxl", keep=_UNET_KEEP, final_projection=(r"^out\.",),
-                   notes="SDXL UNet: first/last convs, timestep and label embeddings kept."),
-    "sd3": Recipe("sd3", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",),
-                  notes="SD3 MMDiT: patch/timestep/pooled embedders and final layer kept."),
-    "pixart": Recipe("pixart", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",),
-                     notes="PixArt: patch/timestep embedders and final layer kept."),
-    "generic": Recipe("generic", final_projection=(r"(^|\.)(final_layer|proj_out|out)(\.|$)",),
-                      notes="Unknown family: only tiny layers kept."),
+    "sd15": Recipe("sd15", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
+    "sdxl": Recipe("sdxl", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
+    "sd3": Recipe("sd3", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
+    "pixart": Recipe("pixart", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
+    "generic": Recipe("generic", final_projection=(r"(^|\.)(final_layer|proj_out|out)(\.|$)",)),
     # Text encoders (names relative to the encoder module inside ComfyUI's CLIP wrapper).
     "clip_l": Recipe("clip_l", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
     "clip_g": Recipe("clip_g", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
@@ -50,4 +46,4 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise KeyError(f"Unknown recipe '{name}'. Known: {', '.join(RECIPES)}.") from None
+        raise UnknownRecipe(f"Unknown recipe '{name}'. Known recipes: {', '.join(RECIPES)}.") from None

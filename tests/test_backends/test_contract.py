@@ -127,3 +127,9 @@ def test_clone_shares_storage_but_not_objects():
     assert copy.body[0].weight.data_ptr() == model.body[0].weight.data_ptr()
     copy.body[0].weight.data = torch.zeros_like(copy.body[0].weight)
     assert model.body[0].weight.abs().sum() > 0
+
+
+def test_unknown_recipe_is_a_quantkit_error_naming_the_known_ones():
+    errors = pack_module("backends.errors")
+    with pytest.raises(errors.QuantKitError, match=r"Unknown recipe 'sd9'\. Known recipes: sd15, sdxl"):
+        recipes.get_recipe("sd9")
