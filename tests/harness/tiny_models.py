@@ -16,6 +16,10 @@ def heavy_tailed(shape, seed: int, std: float = 0.02) -> torch.Tensor:
     return t * (std / (3 ** 0.5))  # a t(3) variable has variance 3
 
 
+def _gaussian(shape, seed: int, std: float = 0.02) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
 def fill_state_dict(meta_sd: dict, seed: int, heavy: bool = True, dtype=torch.float16) -> dict:
     out = {}
     for i, (key, t) in enumerate(sorted(meta_sd.items())):
@@ -63,8 +67,9 @@ def denoise(patcher, inputs: dict) -> torch.Tensor:
                                          y=inputs["y"]).float().clone()
 
 
-def tiny_lora(patcher, seed=3, rank=4):
-    """A LoRA on three quantized Linear layers, strong enough to see through 4-bit noise."""
+def tiny_lora(patcher, seed=3, rank=4, heavy=True):
+    """A LoRA on three quantized Linear layers, strong enough to see through 4-bit noise
+    (heavy=False: Gaussian factors, for tests that band errors by the Gaussian bound)."""
     targets = ["diffusion_model.joint_blocks.0.x_block.attn.qkv",
                "diffusion_model.joint_blocks.1.context_block.mlp.fc1",
                "diffusion_model.joint_blocks.2.x_block.attn.proj"]
@@ -72,8 +77,9 @@ def tiny_lora(patcher, seed=3, rank=4):
     lora = {}
     for i, key in enumerate(targets):
         out_f, in_f = sd[key + ".weight"].shape
-        lora[f"{key}.lora_up.weight"] = heavy_tailed((out_f, rank), seed + i, std=0.6).half()
-        lora[f"{key}.lora_down.weight"] = heavy_tailed((rank, in_f), seed + 10 + i, std=0.6).half()
+        draw = heavy_tailed if heavy else _gaussian
+        lora[f"{key}.lora_up.weight"] = draw((out_f, rank), seed + i, std=0.6).half()
+        lora[f"{key}.lora_down.weight"] = draw((rank, in_f), seed + 10 + i, std=0.6).half()
     return lora, targets
 
 
