@@ -39,19 +39,19 @@ def quantized_layer_names(model) -> dict:
     return {name: m.spec for name, m in model.named_modules() if isinstance(m, modules.QuantizedLayer)}
 
 
-def noise_floor_error(fresh_patcher, layers: dict, run, inputs, reference, seed: int = 0) -> float:
-    """Relative output error of `fresh_patcher` (an unquantized copy of the source model,
-    changed in place here) once each layer in `layers` has Gaussian noise of its format's
-    floor_relative_rms added to its weight. `run(patcher, inputs)` computes the output."""
+def noise_floor_error(root, layers: dict, compute, reference, seed: int = 0) -> float:
+    """Relative output error once each layer of `root` named in `layers` has Gaussian noise
+    of its format's floor_relative_rms added to its weight. `root` is an unquantized copy
+    of the source model (changed in place here); `compute()` gives its output."""
     g = torch.Generator().manual_seed(seed)
-    named = dict(fresh_patcher.model.named_modules())
+    named = dict(root.named_modules())
     with torch.no_grad():
         for name, spec in sorted(layers.items()):
             weight = named[name].weight
             w = weight.detach().float().cpu()
             noise = torch.randn(w.shape, generator=g) * w.pow(2).mean().sqrt() * floor_relative_rms(spec)
             weight.copy_((w + noise).to(weight.dtype))
-    out = run(fresh_patcher, inputs)
+    out = compute()
     return ((out.float() - reference.float()).norm() / reference.float().norm()).item()
 
 

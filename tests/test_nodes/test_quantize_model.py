@@ -49,6 +49,12 @@ def _assert_unchanged(patcher, snapshot):
     assert not any(isinstance(m, modules.QuantizedLayer) for m in patcher.model.modules())
 
 
+def _floor(layers, inputs, reference, wrap=lambda p: p, prepare=lambda p: p):
+    """The float noise reference on a fresh copy of the Gaussian tiny SD3."""
+    fresh = prepare(tiny_sd3_patcher(heavy=False))
+    return noise_floor_error(fresh.model, layers, lambda: denoise(wrap(fresh), inputs), reference)
+
+
 def quantize(comfy, model, fmt, **kw):
     node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
     out = node.quantize(model, fmt, kw.pop("recipe", "auto"), **kw)
@@ -67,8 +73,7 @@ def test_quantized_model_output_bytes_and_upstream(comfy, upstream_gaussian, fmt
     assert "layers quantized" in text
     out = denoise(quantized, inputs)
     err = rel(out, reference)
-    floor = noise_floor_error(tiny_sd3_patcher(heavy=False), quantized_layer_names(quantized.model), denoise,
-                              inputs, reference)
+    floor = _floor(quantized_layer_names(quantized.model), inputs, reference)
     low, high = output_error_band(floor)
     print(f"{fmt}: relative output error {err:.5f}, float noise floor {floor:.5f}, "
           f"ratio {err / floor:.2f} (band {low:.5f}-{high:.5f})")
@@ -97,7 +102,7 @@ def test_output_band_fails_a_format_that_is_not_what_it_claims(comfy, upstream_g
     honest, _ = quantize(comfy, patcher, "gguf:Q4_K")
     layers = quantized_layer_names(honest.model)
     q4k = next(iter(layers.values()))
-    floor = noise_floor_error(tiny_sd3_patcher(heavy=False), layers, denoise, inputs, reference)
+    floor = _floor(layers, inputs, reference)
     low, high = output_error_band(floor)
     for fmt, side in (("gguf:Q8_0", "below"), ("gguf:Q2_K", "above")):
         impostor, _ = quantize(comfy, patcher, fmt, exclude="final_layer.linear")
@@ -136,11 +141,10 @@ def test_lora_before_and_after_quantize(comfy, upstream_gaussian, fmt):
     after = denoise(with_lora(quantized, lora), inputs)
     before_model, _ = quantize(comfy, with_lora(patcher, lora), fmt)
     before = denoise(before_model, inputs)
-    fresh = lambda: tiny_sd3_patcher(heavy=False)  # noqa: E731
     floors = {
-        "plain": noise_floor_error(fresh(), layers, denoise, inputs, reference),
-        "after": noise_floor_error(fresh(), layers, lambda p, i: denoise(with_lora(p, lora), i), inputs, ref_lora),
-        "before": noise_floor_error(_baked(fresh(), lora, targets), layers, denoise, inputs, ref_lora),
+        "plain": _floor(layers, inputs, reference),
+        "after": _floor(layers, inputs, ref_lora, lambda p: with_lora(p, lora)),
+        "before": _floor(layers, inputs, ref_lora, lambda p: p, prepare=lambda p: _baked(p, lora, targets)),
     }
     errors = {"plain": rel(plain, reference), "after": rel(after, ref_lora), "before": rel(before, ref_lora)}
     print(f"{fmt}: LoRA effect {lora_effect:.3f}; " + "; ".join(
