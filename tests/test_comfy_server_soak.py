@@ -102,18 +102,24 @@ def test_interrupt_while_quantizing_leaves_the_server_healthy_and_the_next_run_n
         slow = sd15_prompt(srv, format="gguf:Q4_K")  # ~25 s of quantizing on 2 cores
         with ServerEvents(srv) as events:
             prompt_id = srv.queue(slow)
-            events.wait_for(lambda kind, d: kind == "progress" and d.get("node") == QUANTIZE_NODE
-                            and d.get("value", 0) >= 3, timeout=600)
-            pressed = time.time()
+            at_press = events.wait_for(lambda kind, d: kind == "progress" and d.get("node") == QUANTIZE_NODE
+                                       and d.get("value", 0) >= 3, timeout=600)["data"]
             srv.interrupt()
-            stopped = events.wait_for(lambda kind, d: kind in ("execution_interrupted", "execution_success",
-                                                               "execution_error")
-                                      and d.get("prompt_id") == prompt_id, timeout=600)
-            took = time.time() - pressed
-        print(f"Quantize Model stopped {took:.1f} s after POST /interrupt")
+            after_press = []  # Quantize Model's progress values once the interrupt was sent
+
+            def stop_or_progress(kind, d):
+                if kind == "progress" and d.get("node") == QUANTIZE_NODE:
+                    after_press.append(d["value"])
+                return kind in ("execution_interrupted", "execution_success", "execution_error") \
+                    and d.get("prompt_id") == prompt_id
+            stopped = events.wait_for(stop_or_progress, timeout=600)
+        print(f"Quantize Model at {at_press['value']}/{at_press['max']} when interrupted; "
+              f"progress after: {after_press}")
         assert stopped["type"] == "execution_interrupted", stopped
         assert stopped["data"]["node_id"] == QUANTIZE_NODE
-        assert took < 15, "stops within about one layer's work"
+        # Counted in layers, not seconds: a slow machine must not fail it, running on must.
+        assert len(after_press) <= 5, "stops within a layer or two (plus messages in flight)"
+        assert max(after_press, default=0) < at_press["max"], "did not run to the end"
         assert srv.get("/system_stats")["system"], "the server still answers"
         assert queue_empties(srv, within=30), "the interrupted prompt leaves the queue"
         # A pattern that matches no layer: Quantize Model runs again, from the cached
