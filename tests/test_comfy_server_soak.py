@@ -6,7 +6,8 @@ the workflow tests use). Each test starts its own server; one at a time.
   --cache-none, so every node (checkpoint loading, both Quantize nodes, sampling, Memory
   Report) runs every time: the server's resident anonymous memory stays flat after the
   first run within a bound (glibc told to return freed tensors: see process_memory.py),
-  and every run gives the same image, pixel for pixel (same seed).
+  and every run gives the same image, pixel for pixel (same seed). On a GPU server
+  (QUANTKIT_TEST_DEVICE=gpu) the VRAM torch holds allocated stays flat within the same bound.
 - Interrupt: POST /interrupt while Quantize Model works on the SD1.5 UNet stops it within a
   layer or so; the server stays healthy, and a rerun of the workflow on the cached, untouched
   checkpoint gives the image of a run before the interrupt."""
@@ -70,6 +71,15 @@ def queue_empties(server, within: float) -> bool:
     return False
 
 
+def allocated_vram(server) -> int | None:
+    """Bytes torch holds allocated on the server's GPU (reserved minus its free part, as
+    /system_stats reports them); None on a CPU server."""
+    device = server.get("/system_stats")["devices"][0]
+    if device.get("type") != "cuda":
+        return None
+    return device["torch_vram_total"] - device["torch_vram_free"]
+
+
 def test_sd15_workflow_again_and_again_keeps_memory_flat_and_the_image(tmp_path):
     """Shown able to fail: a Quantize Model keeping every MODEL it made in a module-level
     list grew the server by 1671 MiB over 3 runs (bound 110); the KSampler seed raised by one
@@ -77,13 +87,15 @@ def test_sd15_workflow_again_and_again_keeps_memory_flat_and_the_image(tmp_path)
     runs = soak_runs()
     with ComfyServer(tmp_path / "base", extra_args=["--cache-none"], extra_env=RETURN_FREED_MEMORY_ENV) as srv:
         prompt = sd15_prompt(srv)
-        rss, first = [], None
+        rss, vram, first = [], [], None
         for i in range(runs):
             start = time.time()
             image = picture(srv, srv.run(prompt, timeout=1200))
             rss.append(settled_server_memory(srv.proc.pid))
+            vram.append(allocated_vram(srv))
             print(f"run {i + 1}/{runs}: {time.time() - start:.1f} s, server anonymous RSS "
-                  f"{rss[-1] / 2**20:.0f} MiB ({resident_kib(srv.proc.pid)})")
+                  f"{rss[-1] / 2**20:.0f} MiB ({resident_kib(srv.proc.pid)})"
+                  + ("" if vram[-1] is None else f", VRAM allocated {vram[-1] / 2**20:.0f} MiB"))
             if first is None:
                 first = image
             assert np.array_equal(image, first), f"run {i + 1}: same seed, another image"
@@ -91,6 +103,10 @@ def test_sd15_workflow_again_and_again_keeps_memory_flat_and_the_image(tmp_path)
         print(f"server anonymous RSS growth after run 1: {growth / 2**20:.0f} MiB over {runs} runs "
               f"(bound {bound / 2**20:.0f} MiB)")
         assert growth <= bound, f"server anonymous RSS after each run: {[r // 2**20 for r in rss]} MiB"
+        if vram[0] is not None:  # a GPU server (QUANTKIT_TEST_DEVICE=gpu)
+            vram_growth = growth_after_first(vram)
+            print(f"VRAM allocated growth after run 1: {vram_growth / 2**20:.0f} MiB (bound {bound / 2**20:.0f} MiB)")
+            assert vram_growth <= bound, f"VRAM allocated after each run: {[v // 2**20 for v in vram]} MiB"
 
 
 def test_interrupt_while_quantizing_leaves_the_server_healthy_and_the_next_run_normal(tmp_path):
