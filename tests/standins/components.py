@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Dict
 
 import torch
@@ -212,7 +213,11 @@ def checkpoint(class_name: str, unet_config: dict, clip_sd: Dict[str, torch.Tens
     """A full checkpoint's state dict through ComfyUI's own saving conversion
     (what comfy.sd.save_checkpoint / CheckpointSave would write)."""
     model = diffusion_model(class_name, unet_config, dtype)
-    return dict(model.state_dict_for_saving(clip_sd, vae_sd))
+    parts = dict(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    # ComfyUI 0.33 takes the UNet's state dict first; 0.3.75 reads it from the model itself
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    return dict(model.state_dict_for_saving(**parts))
 
 
 def diffusion_model_file(class_name: str, unet_config: dict, dtype=torch.float16) -> Dict[str, torch.Tensor]:
