@@ -10,9 +10,8 @@ instead: its relative RMS rounding error is at most 2^-4 / sqrt(3) (uniform roun
 the top binade) and, values spread over the binades, at least half of that. Heavy-tailed
 weights (Student-t, 3 dof) widen absmax-scaled codes' error: up to 8 x 2^-b.
 
-OUTPUT ERROR of one denoiser call vs the unquantized model on the same inputs (tiny SD3,
-heavy-tailed weights), by format id. A format without an entry fails the tests until
-someone states its bound.
+OUTPUT ERROR of a whole model is banded around the float noise reference of the layers a
+format quantized (noise_reference.py), with the same margin.
 """
 import math
 
@@ -35,17 +34,6 @@ def weight_error_band(format_id: str, bits: float, heavy: bool = False) -> tuple
 def activation_error(format_id: str) -> float:
     """What rounding the activations to 8 bits adds to a layer's output error, at most."""
     return BAND_ABOVE_BOUND * 2 ** -8 if format_id in ACTIVATION_QUANTIZED else 0.0
-
-
-# Denoiser output vs the unquantized model on the same inputs (tiny SD3, heavy-tailed).
-OUTPUT_TOLERANCE = {
-    "torchao:int8wo": 0.03, "torchao:int8dq": 0.04, "torchao:fp8wo": 0.05, "torchao:fp8dq": 0.08,
-    "torchao:int4wo": 0.25,
-    "bnb:nf4": 0.25, "bnb:nf4dq": 0.25, "bnb:fp4": 0.35, "bnb:fp4dq": 0.35, "bnb:int8": 0.05,
-    "quanto:int8": 0.03, "quanto:fp8": 0.06, "quanto:int4": 0.25,
-    "gguf:Q8_0": 0.03, "gguf:Q6_K": 0.06, "gguf:Q5_K": 0.1, "gguf:Q5_1": 0.1, "gguf:Q5_0": 0.12,
-    "gguf:Q4_K": 0.2, "gguf:Q4_1": 0.2, "gguf:Q4_0": 0.25, "gguf:Q3_K": 0.35, "gguf:Q2_K": 0.7,
-}
 
 
 def cpu_format_ids(registry, hardware_problem):
