@@ -81,11 +81,11 @@ def _load_pack() -> types.SimpleNamespace:
         return importlib.import_module(f"{PACK_NAME}.{sub}")
 
     return types.SimpleNamespace(
-        registry=mod("backends.registry"), base=mod("backends.base"),
-        modules=mod("backends.modules"), gguf_file=mod("backends.gguf_file"),
-        gguf_export=mod("backends.gguf_export"), fast_linear=mod("backends.fast_linear"),
-        decode_groups=mod("backends.decode_groups"), native_export=mod("backends.native_export"),
-        recipes=mod("backends.recipes"), memory_census=mod("backends.memory_census"),
+        registry=mod("backends.engine.registry"), base=mod("backends.engine.base"),
+        modules=mod("backends.engine.modules"), gguf_file=mod("backends.gguf.file"),
+        gguf_export=mod("backends.gguf.export"), fast_linear=mod("backends.kernels.fast_linear"),
+        decode_groups=mod("backends.kernels.decode_groups"), native_export=mod("backends.engine.native_export"),
+        recipes=mod("backends.engine.recipes"), storage_census=mod("backends.engine.storage_census"),
         clone_and_quantize=mod("nodes.clone_and_quantize"), load_gguf=mod("nodes.load_gguf"),
         nodes=mod("nodes"))
 

@@ -83,7 +83,7 @@ def _measure(env, spec, sd, fmt, inputs, device, rec, dist, refs, timing: bool, 
         patcher = compile_model(env, patcher)
     free(device)
     env.mm.load_models_gpu([patcher])
-    weights = env.pack.memory_census.census_tree(patcher.model.diffusion_model).stored_bytes  # core's tensors too
+    weights = env.pack.storage_census.census_tree(patcher.model.diffusion_model).stored_bytes  # core's tensors too
     denoised, extra = peak_during(lambda: models.step(patcher, inputs), device)
     out = models.raw_output(denoised, inputs)
     errs = rec.setdefault("rel_err", {}).setdefault(dist, {})

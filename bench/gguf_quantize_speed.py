@@ -12,9 +12,7 @@ import time
 
 import torch
 
-from backends import gguf_quantize
-
-
+from backends.gguf import quantize as gguf_quantize
 def measure(name: str, weight: torch.Tensor) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

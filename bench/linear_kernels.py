@@ -1,7 +1,7 @@
 """Per-layer kernel benchmark: every 8-bit linear path against bf16 at the real layer shapes
 of the benchmarked models (rows include batch 2), with each path's error against a float64
 product of the same quantized operands. `--sweep` also times candidate Triton tile sizes
-(how the table in backends/triton_kernels.py was chosen).
+(how the table in backends/kernels/triton_8bit.py was chosen).
 
     python -m bench.linear_kernels [--sweep] [--out linear.json]
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backends import fast_linear  # noqa: E402
+from backends.kernels import fast_linear  # noqa: E402
 from bench.measure import time_calls  # noqa: E402
 
 # (model, layer, rows M, in K, out N)

@@ -43,7 +43,7 @@ def rel(a, b) -> float:
 def main() -> None:
     comfy_env.start(cpu=False)
     from comfy.quant_ops import QuantizedTensor
-    get_format = importlib.import_module(f"{comfy_env.PACK_NAME}.backends.registry").get_format
+    get_format = importlib.import_module(f"{comfy_env.PACK_NAME}.backends.engine.registry").get_format
     dev = torch.device("cuda")
     rows = []
     for label, (k, n) in SHAPES.items():

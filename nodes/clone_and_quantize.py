@@ -9,10 +9,10 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 
-from ..backends.clone import clone_tree
-from ..backends.errors import QuantKitError
-from ..backends.quantize import QUANTIZABLE, quantize_tree
-from ..backends.recipes import get_recipe
+from ..backends.engine.clone import clone_tree
+from ..backends.engine.errors import QuantKitError
+from ..backends.engine.quantize import QUANTIZABLE, quantize_tree
+from ..backends.engine.recipes import get_recipe
 from .comfy_layers import LAYER_CLASSES
 from .comfy_patcher import (is_loader_state, new_quantized_patcher, reset_loader_state_defaults,
                             settle_stored_dtypes)

@@ -2,7 +2,7 @@
 (low-VRAM casting, weight functions such as LoRA in low-VRAM mode)."""
 from __future__ import annotations
 
-from ..backends.modules import QuantizedConv, QuantizedLinear
+from ..backends.engine.modules import QuantizedConv, QuantizedLinear
 
 
 class _ComfyHooks:

@@ -20,7 +20,7 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
-from ..backends.modules import QuantizedLayer
+from ..backends.engine.modules import QuantizedLayer
 
 # What ComfyUI's loaders (classic and dynamic) set on a model or its modules while it is
 # loaded. A quantized copy starts without any of it: its own patcher sets it afresh.

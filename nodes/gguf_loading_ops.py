@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import comfy.ops
 
-from ..backends.errors import MalformedFile
+from ..backends.engine.errors import MalformedFile
 
 
 def _lazy(base):

@@ -8,13 +8,13 @@ import torch
 import comfy.sd
 import folder_paths
 
-from ..backends.decode_groups import link_decode_groups
-from ..backends.errors import FormatUnsupported, MalformedFile
-from ..backends.gguf_dequant import dequantize
-from ..backends.gguf_file import FLOAT_TYPES, read_gguf
-from ..backends.modules import make_quantized
-from ..backends.registry import get_format
-from ..backends.report import KEPT, QUANTIZED, LayerRecord, QuantReport
+from ..backends.kernels.decode_groups import link_decode_groups
+from ..backends.engine.errors import FormatUnsupported, MalformedFile
+from ..backends.gguf.dequant import dequantize
+from ..backends.gguf.file import FLOAT_TYPES, read_gguf
+from ..backends.engine.modules import make_quantized
+from ..backends.engine.registry import get_format
+from ..backends.engine.report import KEPT, QUANTIZED, LayerRecord, QuantReport
 from .comfy_layers import LAYER_CLASSES
 from .comfy_patcher import classic_patcher_kwargs, new_quantized_patcher, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder

@@ -11,11 +11,11 @@ import comfy.model_management
 import comfy.sd
 import folder_paths
 
-from ..backends.errors import MalformedFile
-from ..backends.gguf_file import read_gguf
-from ..backends.gguf_names import EMBEDDING_NAMES, is_llama_cpp_t5, rename_llama_cpp_t5
-from ..backends.report import QuantReport
-from ..backends.safetensors_file import read_safetensors
+from ..backends.engine.errors import MalformedFile
+from ..backends.gguf.file import read_gguf
+from ..backends.gguf.names import EMBEDDING_NAMES, is_llama_cpp_t5, rename_llama_cpp_t5
+from ..backends.engine.report import QuantReport
+from ..backends.engine.safetensors_file import read_safetensors
 from .comfy_patcher import new_quantized_patcher, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops
 from .load_gguf import build_state_dict, source_of, swap_in_quantized

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import comfy.model_management
 
-from ..backends.memory_census import TreeCensus, census_tree, dtype_name, shared_bytes
+from ..backends.engine.storage_census import TreeCensus, census_tree, dtype_name, shared_bytes
 from .memory_devices import DeviceFigures, device_figures
 
 WIRED_MODELS = ("model", "clip", "vae")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ..backends.report import FALLBACK, KEPT, QUANTIZED
+from ..backends.engine.report import FALLBACK, KEPT, QUANTIZED
 from .memory_census import Component, MemorySnapshot
 
 _BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB")

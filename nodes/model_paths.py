@@ -12,7 +12,7 @@ import os
 
 import folder_paths
 
-from ..backends.errors import QuantKitError
+from ..backends.engine.errors import QuantKitError
 
 
 def escapes(name: str) -> bool:

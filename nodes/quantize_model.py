@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.model_management
 import torch
 
-from ..backends.registry import all_format_ids
+from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
 
 DIFFUSION_RECIPES = ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]

@@ -1,8 +1,8 @@
 """Quantize Text Encoder: CLIP in (one or several encoders), a new quantized CLIP out."""
 from __future__ import annotations
 
-from ..backends.errors import QuantKitError
-from ..backends.registry import all_format_ids
+from ..backends.engine.errors import QuantKitError
+from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
 
 KNOWN_ENCODERS = ("clip_l", "clip_g", "t5xxl")

@@ -10,10 +10,10 @@ import time
 import comfy.utils
 import folder_paths
 
-from ..backends.errors import FormatUnsupported, QuantKitError
-from ..backends.gguf_convert import ARCHITECTURES
-from ..backends.gguf_export import describe, save_gguf
-from ..backends.native_export import native_state_dict
+from ..backends.engine.errors import FormatUnsupported, QuantKitError
+from ..backends.gguf.convert import ARCHITECTURES
+from ..backends.gguf.export import describe, save_gguf
+from ..backends.engine.native_export import native_state_dict
 from .model_paths import escapes
 from .quantize_model import detect_family
 

@@ -8,7 +8,7 @@ import tomllib
 from conftest import pack_module
 from harness.locations import REPO_ROOT
 
-registry = pack_module("backends.registry")
+registry = pack_module("backends.engine.registry")
 
 
 def test_pyproject_has_registry_metadata():
@@ -31,7 +31,7 @@ def test_requirements_are_plain_lines_without_torch():
 
 
 def test_backends_never_import_comfy():
-    for path in (REPO_ROOT / "backends").glob("*.py"):
+    for path in (REPO_ROOT / "backends").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -42,7 +42,7 @@ def test_backends_never_import_comfy():
 
 def test_only_relative_imports_of_the_pack():
     for folder in ("backends", "nodes"):
-        for path in (REPO_ROOT / folder).glob("*.py"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
             text = path.read_text()
             assert not re.search(r"^\s*(from|import)\s+(quantkit|backends|nodes)\b", text, re.M), path
 

@@ -49,8 +49,9 @@ def register_bare_pack(name: str, alias: str = "quantkit") -> None:
         pkg.__file__ = str(REPO_ROOT / "__init__.py")
         sys.modules[name] = pkg
     sys.modules.setdefault(alias, sys.modules[name])
-    for path in sorted((REPO_ROOT / "backends").glob("*.py")):
-        sub = "backends" if path.stem == "__init__" else f"backends.{path.stem}"
+    for path in sorted((REPO_ROOT / "backends").rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        sub = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         module = importlib.import_module(f"{name}.{sub}")
         sys.modules[f"{alias}.{sub}"] = module
 

@@ -2,7 +2,7 @@
 write them: for tests that QuantKit reads files it did not write.
 
 llama.cpp's T5 encoder names are spelled out here on their own (from llama.cpp's tensor
-naming), not derived from backends/gguf_names.py, so a mistake in either shows.
+naming), not derived from backends/gguf/names.py, so a mistake in either shows.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def floor_relative_rms(spec) -> float:
 def quantized_layer_names(model) -> dict:
     """{module name: format spec} of the QuantizedLayers in `model` (a torch module)."""
     from conftest import pack_module
-    modules = pack_module("backends.modules")
+    modules = pack_module("backends.engine.modules")
     return {name: m.spec for name, m in model.named_modules() if isinstance(m, modules.QuantizedLayer)}
 
 

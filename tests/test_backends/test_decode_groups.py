@@ -1,4 +1,4 @@
-"""Decode groups (backends/decode_groups.py, kernel in backends/triton_grouped.py): neighbouring
+"""Decode groups (backends/kernels/decode_groups.py, kernel in backends/kernels/triton_grouped.py): neighbouring
 weight-only layers decode their weights in one launch and take their slices of one buffer.
 
 On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess; the
@@ -32,9 +32,9 @@ import numpy as np, torch, torch.nn as nn
 import gguf
 from gguf.quants import dequantize as gguf_py_decode
 pack = types.ModuleType("qk_pack"); pack.__path__ = [sys.argv[1]]; sys.modules["qk_pack"] = pack
-dg = importlib.import_module("qk_pack.backends.decode_groups")
-quantize = importlib.import_module("qk_pack.backends.quantize")
-Recipe = importlib.import_module("qk_pack.backends.recipes").Recipe
+dg = importlib.import_module("qk_pack.backends.kernels.decode_groups")
+quantize = importlib.import_module("qk_pack.backends.engine.quantize")
+Recipe = importlib.import_module("qk_pack.backends.engine.recipes").Recipe
 dg._runs_here = lambda x: True  # the interpreter runs the kernel on CPU tensors
 report = {}
 
@@ -138,7 +138,7 @@ def test_grouped_decoding_in_triton_interpreter():
     assert report["gguf:Q4_K"]["kinds"] == ["Q4_1", "Q4_K"]  # two kinds in one launch
     # a and b displace each other: correct weights while grouped; a stops after its third
     # strike, then b owns the buffer undisturbed and keeps grouping
-    strikes = pack_module("backends.decode_groups").STRIKES_TO_STOP
+    strikes = pack_module("backends.kernels.decode_groups").STRIKES_TO_STOP
     assert report["turns"] == [True] * (2 * strikes) + [None, True, None, True]
     assert report["turns_stopped"] == [True, False]
     assert report["sizes_total"] == [3 * 65536]  # 3 + 3 + 3 and a lone one, in call order
@@ -151,9 +151,9 @@ def test_grouped_decoding_in_triton_interpreter():
 
 def test_no_grouping_on_the_cpu_path():
     """Outside the interpreter the gate is closed on CPU tensors: layers decode alone."""
-    dg = pack_module("backends.decode_groups")
-    quantize = pack_module("backends.quantize")
-    Recipe = pack_module("backends.recipes").Recipe
+    dg = pack_module("backends.kernels.decode_groups")
+    quantize = pack_module("backends.engine.quantize")
+    Recipe = pack_module("backends.engine.recipes").Recipe
     root = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
     quantize.quantize_tree(root, "gguf:Q8_0", Recipe("t", min_params=0), target="t",
                            run_device=torch.device("cpu"), work_device=torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 Expected values are float64 products of the same quantized operands, computed here from
 first principles (scale = row absmax / 127, round half to even), not by the code under test.
-How to see these fail: change INT8_MAX in backends/fast_linear.py to 128, or make
+How to see these fail: change INT8_MAX in backends/kernels/fast_linear.py to 128, or make
 int8_linear ignore `dynamic`; the exactness and error-band tests go red.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from conftest import pack_module
 from harness.draws import gaussian, heavy_tailed, rel_err
 
-fast = pack_module("backends.fast_linear")
-registry = pack_module("backends.registry")
+fast = pack_module("backends.kernels.fast_linear")
+registry = pack_module("backends.engine.registry")
 
 
 def _int8_rows(w64: torch.Tensor):
@@ -93,8 +93,8 @@ def test_fp8_off_gpu_computes_weight_only():
 
 @pytest.mark.parametrize("fmt", ["torchao:int8wo", "torchao:int8dq"])
 def test_quantized_model_compiles_whole_and_matches_eager(fmt):
-    quantize = pack_module("backends.quantize")
-    recipes = pack_module("backends.recipes")
+    quantize = pack_module("backends.engine.quantize")
+    recipes = pack_module("backends.engine.recipes")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     quantize.quantize_tree(model, fmt, recipes.get_recipe("generic"), target="test")

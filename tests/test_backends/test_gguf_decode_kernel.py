@@ -1,4 +1,4 @@
-"""The Triton GGUF decoder (backends/triton_gguf.py) against gguf-py's numpy decoders.
+"""The Triton GGUF decoder (backends/kernels/triton_gguf.py) against gguf-py's numpy decoders.
 
 On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess:
 the variable must be set before the kernel is defined); on the GPU machine it runs compiled.
@@ -23,8 +23,8 @@ from conftest import pack_module
 import gguf
 from gguf.quants import dequantize as np_dequantize
 
-dq = pack_module("backends.gguf_dequant")
-fast = pack_module("backends.fast_linear")
+dq = pack_module("backends.gguf.dequant")
+fast = pack_module("backends.kernels.fast_linear")
 REPO = Path(__file__).resolve().parents[2]
 
 _INTERPRETED = r"""
@@ -33,7 +33,7 @@ import numpy as np, torch
 import gguf
 from gguf.quants import dequantize as ref
 pack = types.ModuleType("qk_pack"); pack.__path__ = [sys.argv[1]]; sys.modules["qk_pack"] = pack
-kernels = importlib.import_module("qk_pack.backends.triton_gguf")
+kernels = importlib.import_module("qk_pack.backends.kernels.triton_gguf")
 report = {}
 for name, (_, block_len, type_size) in kernels.TYPES.items():
     raw = torch.randint(0, 256, (3 * type_size,), dtype=torch.uint8,
@@ -51,7 +51,7 @@ KERNEL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", 
 
 def test_every_type_quantkit_makes_has_a_kernel():
     # the read-only IQ4 types decode with torch ops (no GPU run has checked a kernel for them)
-    assert set(pack_module("backends.gguf_quantize").QUANTIZERS) == set(KERNEL_TYPES)
+    assert set(pack_module("backends.gguf.quantize").QUANTIZERS) == set(KERNEL_TYPES)
     assert set(dq.DEQUANTIZERS) - set(KERNEL_TYPES) == {"IQ4_NL", "IQ4_XS"}
     kernels_types = set(KERNEL_TYPES)
     for name in kernels_types:
@@ -94,7 +94,7 @@ def test_gpu_kernel_decodes_random_bytes_like_gguf_py(name):
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "Q2_K"])
 def test_gpu_low_precision_output_is_the_float32_result_rounded(name, dtype):
     _cuda()
-    gq = pack_module("backends.gguf_quantize")
+    gq = pack_module("backends.gguf.quantize")
     w = torch.randn(300, 1024, generator=torch.Generator().manual_seed(2)) * 0.02
     raw = gq.quantize(w, name).cuda()
     exact = torch.from_numpy(np_dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[name]))

@@ -12,9 +12,9 @@ import gguf  # a test dependency (.ci/requirements-dev.txt): missing means faili
 from gguf.quants import dequantize as np_dequantize  # noqa: E402
 from gguf.quants import quantize as np_quantize  # noqa: E402
 
-dq = pack_module("backends.gguf_dequant")
-gq = pack_module("backends.gguf_quantize")
-errors = pack_module("backends.errors")
+dq = pack_module("backends.gguf.dequant")
+gq = pack_module("backends.gguf.quantize")
+errors = pack_module("backends.engine.errors")
 
 TYPES = list(dq.DEQUANTIZERS)
 QUANTIZABLE = list(gq.QUANTIZERS)  # the IQ types are read only

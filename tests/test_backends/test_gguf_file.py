@@ -13,10 +13,10 @@ from harness.tiny_models import heavy_tailed
 
 import gguf  # a test dependency (.ci/requirements-dev.txt): missing means failing, not skipping
 from gguf.quants import dequantize as np_dequantize  # noqa: E402
-gf = pack_module("backends.gguf_file")
-gq = pack_module("backends.gguf_quantize")
-dq = pack_module("backends.gguf_dequant")
-errors = pack_module("backends.errors")
+gf = pack_module("backends.gguf.file")
+gq = pack_module("backends.gguf.quantize")
+dq = pack_module("backends.gguf.dequant")
+errors = pack_module("backends.engine.errors")
 
 QUANT = list(gq.QUANTIZERS)
 METADATA = {"general.name": "tiny", "answer": 42, "negative": -3, "big": 2**40, "ratio": 0.5,

@@ -26,9 +26,9 @@ from conftest import pack_module
 from harness import gguf_bytes as gb
 from harness.fuzz import FULL, fuzz_settings, interesting_ints, mutations, python_peak
 
-gf = pack_module("backends.gguf_file")
-gq = pack_module("backends.gguf_quantize")
-errors = pack_module("backends.errors")
+gf = pack_module("backends.gguf.file")
+gq = pack_module("backends.gguf.quantize")
+errors = pack_module("backends.engine.errors")
 
 pytestmark = pytest.mark.timeout(3600 if FULL else 120)
 _DIR = tempfile.mkdtemp(prefix="quantkit-fuzz-")

@@ -10,12 +10,12 @@ import torch
 from conftest import pack_module
 from harness.tiny_models import heavy_tailed
 
-registry = pack_module("backends.registry")
+registry = pack_module("backends.engine.registry")
 
-gq = pack_module("backends.gguf_quantize")
-dq = pack_module("backends.gguf_dequant")
-errors = pack_module("backends.errors")
-backend = pack_module("backends.gguf_backend")
+gq = pack_module("backends.gguf.quantize")
+dq = pack_module("backends.gguf.dequant")
+errors = pack_module("backends.engine.errors")
+backend = pack_module("backends.gguf.adapter")
 
 TYPES = list(gq.QUANTIZERS)
 LEGACY = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]

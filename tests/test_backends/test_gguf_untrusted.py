@@ -16,9 +16,9 @@ import gguf  # noqa: F401 (imported here, so that its import is not counted as r
 from conftest import pack_module
 from harness import gguf_bytes as gb
 
-gf = pack_module("backends.gguf_file")
-header = pack_module("backends.gguf_header")
-errors = pack_module("backends.errors")
+gf = pack_module("backends.gguf.file")
+header = pack_module("backends.gguf.header")
+errors = pack_module("backends.engine.errors")
 
 Q8 = [("blk.weight", "Q8_0", (64, 4)), ("norm", "F32", (8,))]
 

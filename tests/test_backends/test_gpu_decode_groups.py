@@ -11,10 +11,10 @@ import torch.nn as nn
 
 from conftest import pack_module
 
-dg = pack_module("backends.decode_groups")
-fast = pack_module("backends.fast_linear")
-quantize = pack_module("backends.quantize")
-recipes = pack_module("backends.recipes")
+dg = pack_module("backends.kernels.decode_groups")
+fast = pack_module("backends.kernels.fast_linear")
+quantize = pack_module("backends.engine.quantize")
+recipes = pack_module("backends.engine.recipes")
 
 pytestmark = pytest.mark.gpu
 FORMATS = ["torchao:int8wo", "gguf:Q8_0", "gguf:Q4_K", "gguf:Q6_K"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantkit.backends import registry
-from quantkit.backends.base import hardware_problem, parts_nbytes
-from quantkit.backends.errors import BackendUnavailable
-from quantkit.backends.quanto_backend import QuantoAdapter, unpack_int4
+from quantkit.backends.engine import registry
+from quantkit.backends.engine.base import hardware_problem, parts_nbytes
+from quantkit.backends.engine.errors import BackendUnavailable
+from quantkit.backends.adapters.quanto import QuantoAdapter, unpack_int4
 from harness.backend_checks import (check_missing_package_message,
                                     check_plain_parts_with_honest_size, check_round_trip)
 from harness.draws import gaussian, heavy_tailed, rel_err

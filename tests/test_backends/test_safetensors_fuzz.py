@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save
 from conftest import pack_module
 from harness.fuzz import FULL, fuzz_settings, interesting_ints, mutations, python_peak
 
-sf = pack_module("backends.safetensors_file")
-convert = pack_module("backends.gguf_convert")
-errors = pack_module("backends.errors")
+sf = pack_module("backends.engine.safetensors_file")
+convert = pack_module("backends.gguf.convert")
+errors = pack_module("backends.engine.errors")
 
 pytestmark = pytest.mark.timeout(3600 if FULL else 120)
 _DIR = tempfile.mkdtemp(prefix="quantkit-fuzz-st-")

@@ -7,8 +7,8 @@ import torch
 from conftest import pack_module
 from harness.tiny_models import heavy_tailed
 
-registry = pack_module("backends.registry")
-base = pack_module("backends.base")
+registry = pack_module("backends.engine.registry")
+base = pack_module("backends.engine.base")
 
 
 def test_int8_values_equal_torchaos_affine_quantization():

@@ -20,8 +20,8 @@ from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
 import gguf
 from gguf.quants import quantize as gguf_py_quantize
 
-modules = pack_module("backends.modules")
-QUANTIZABLE = pack_module("backends.quantize").QUANTIZABLE
+modules = pack_module("backends.engine.modules")
+QUANTIZABLE = pack_module("backends.engine.quantize").QUANTIZABLE
 
 pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
 

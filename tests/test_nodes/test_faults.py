@@ -13,9 +13,9 @@ from harness.standin_clips import PROMPTS, encode, load_family_clip
 from harness.state_hash import state_digest
 from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
 
-registry = pack_module("backends.registry")
-errors = pack_module("backends.errors")
-quantize_mod = pack_module("backends.quantize")
+registry = pack_module("backends.engine.registry")
+errors = pack_module("backends.engine.errors")
+quantize_mod = pack_module("backends.engine.quantize")
 
 FMT = "gguf:Q4_0"
 

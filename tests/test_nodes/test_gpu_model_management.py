@@ -12,9 +12,9 @@ from harness.tiny_models import sample_eager_and_compiled, sd3_inputs, tiny_lora
 
 pytestmark = pytest.mark.gpu
 
-registry = pack_module("backends.registry")
-base = pack_module("backends.base")
-modules = pack_module("backends.modules")
+registry = pack_module("backends.engine.registry")
+base = pack_module("backends.engine.base")
+modules = pack_module("backends.engine.modules")
 
 
 def _cuda():

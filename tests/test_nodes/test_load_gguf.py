@@ -8,9 +8,9 @@ import torch
 from conftest import pack_module
 from harness.tiny_models import denoise, sample_eager_and_compiled, sd3_inputs, tiny_sd3_patcher
 
-modules = pack_module("backends.modules")
-errors = pack_module("backends.errors")
-save_gguf = pack_module("backends.gguf_export").save_gguf
+modules = pack_module("backends.engine.modules")
+errors = pack_module("backends.engine.errors")
+save_gguf = pack_module("backends.gguf.export").save_gguf
 
 
 def rel(a, b):

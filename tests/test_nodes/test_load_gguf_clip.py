@@ -23,7 +23,7 @@ import gguf
 from gguf.quants import dequantize as np_dequantize
 
 pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
-modules = pack_module("backends.modules")
+modules = pack_module("backends.engine.modules")
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 

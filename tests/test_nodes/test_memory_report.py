@@ -17,8 +17,8 @@ from harness.comfy_server import ComfyServer
 NODE = "QuantKitMemoryReport"
 INT8 = "torchao:int8wo"
 
-quantize_mod = pack_module("backends.quantize")
-recipes = pack_module("backends.recipes")
+quantize_mod = pack_module("backends.engine.quantize")
+recipes = pack_module("backends.engine.recipes")
 
 
 class MemoryReportNet(nn.Module):
@@ -169,10 +169,10 @@ def test_shared_weights_are_counted_once(comfy, tiny):
     model, vae = component(snap, "model").census, component(snap, "vae").census
     head_bytes = sum(t.nelement() * t.element_size() for t in patcher.model.head.parameters())
     assert vae.stored_bytes == head_bytes
-    assert pack_module("backends.memory_census").shared_bytes(model, vae) == head_bytes
+    assert pack_module("backends.engine.storage_census").shared_bytes(model, vae) == head_bytes
     # models other tests left loaded may share weights among themselves too
     others = [c.census for c in snap.components if not c.wired]
-    assert snap.shared_bytes == head_bytes + pack_module("backends.memory_census").shared_bytes(*others)
+    assert snap.shared_bytes == head_bytes + pack_module("backends.engine.storage_census").shared_bytes(*others)
     assert snap.total_model_bytes == sum(c.census.stored_bytes for c in snap.components) - snap.shared_bytes
 
 
@@ -202,7 +202,7 @@ def test_core_quantized_tensors_are_counted_at_their_stored_size(comfy):
     """ComfyUI's own QuantizedTensor (fp8 with a scale): a dict of layout parameters in
     0.3.x, comfy-kitchen's dataclass in 0.33; counted as data plus scale either way."""
     from comfy.quant_ops import QuantizedTensor
-    census = pack_module("backends.memory_census")
+    census = pack_module("backends.engine.storage_census")
     w = torch.randn(256, 128)
     qt = QuantizedTensor.from_float(w, "TensorCoreFP8Layout")
     entry = census.tensor_entry(qt, True)

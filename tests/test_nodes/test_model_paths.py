@@ -13,7 +13,7 @@ import pytest
 from conftest import pack_module
 from harness import gguf_bytes as gb
 
-errors = pack_module("backends.errors")
+errors = pack_module("backends.engine.errors")
 
 # a well-formed file that is not a model: reading it gets as far as ComfyUI's detection
 TINY = gb.encode(gb.valid_spec([("w", "F32", (4,))]))

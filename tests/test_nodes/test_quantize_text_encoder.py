@@ -12,10 +12,10 @@ from harness.noise_reference import noise_floor_error, output_error_band, quanti
 from harness.standin_clips import PROMPTS, encode, load_family_clip
 from harness.state_hash import state_digest
 
-registry = pack_module("backends.registry")
-base = pack_module("backends.base")
-errors = pack_module("backends.errors")
-modules = pack_module("backends.modules")
+registry = pack_module("backends.engine.registry")
+base = pack_module("backends.engine.base")
+errors = pack_module("backends.engine.errors")
+modules = pack_module("backends.engine.modules")
 
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
 

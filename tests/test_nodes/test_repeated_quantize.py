@@ -11,8 +11,8 @@ from conftest import pack_module
 from harness.locations import standins_path
 from harness.process_memory import collected_rss, growth_after_first, live_objects, soak_runs
 
-modules = pack_module("backends.modules")
-save_gguf = pack_module("backends.gguf_export").save_gguf
+modules = pack_module("backends.engine.modules")
+save_gguf = pack_module("backends.gguf.export").save_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_versions,
               pytest.mark.usefixtures("unload_models_after_each_test")]

@@ -27,10 +27,10 @@ from gguf.quants import dequantize as np_dequantize
 from gguf.quants import quantize as np_quantize
 
 pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
-modules = pack_module("backends.modules")
-errors = pack_module("backends.errors")
-dq = pack_module("backends.gguf_dequant")
-GGUF_TYPES = list(pack_module("backends.gguf_quantize").QUANTIZERS)
+modules = pack_module("backends.engine.modules")
+errors = pack_module("backends.engine.errors")
+dq = pack_module("backends.gguf.dequant")
+GGUF_TYPES = list(pack_module("backends.gguf.quantize").QUANTIZERS)
 
 
 def quantized_layers(model):
@@ -174,7 +174,7 @@ def test_converter_writes_what_quantize_model_makes(comfy, source, folder, tmp_p
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()} | {"first_stage_model.x": torch.ones(2)},
               str(ckpt))
     out = folder / "converted.gguf"
-    cmd = [sys.executable, "-m", "backends.gguf_convert", str(ckpt), str(out), "--type", "Q4_K", "--arch", "sd3"]
+    cmd = [sys.executable, "-m", "backends.gguf.convert", str(ckpt), str(out), "--type", "Q4_K", "--arch", "sd3"]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Q4_K" in done.stdout
@@ -193,7 +193,7 @@ def test_converter_writes_what_quantize_model_makes(comfy, source, folder, tmp_p
 def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x80\x04not a safetensors file")
-    done = subprocess.run([sys.executable, "-m", "backends.gguf_convert", str(bad), str(tmp_path / "o.gguf"),
+    done = subprocess.run([sys.executable, "-m", "backends.gguf.convert", str(bad), str(tmp_path / "o.gguf"),
                            "--arch", "sdxl"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "is not a valid .safetensors file" in done.stderr
     assert not (tmp_path / "o.gguf").exists()

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _launch
+from .triton_8bit import _launch
 
 # GGML type -> (kernel id, weights per block, bytes per block)
 TYPES = {

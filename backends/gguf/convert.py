@@ -1,6 +1,6 @@
 """Convert a diffusion model's .safetensors checkpoint to a .gguf file, once, from a shell.
 
-    python -m backends.gguf_convert MODEL.safetensors OUT.gguf --type Q8_0 --arch sdxl
+    python -m backends.gguf.convert MODEL.safetensors OUT.gguf --type Q8_0 --arch sdxl
 
 (run from the pack's folder, custom_nodes/QuantKit). Layers are chosen as Quantize Model
 chooses them (the architecture's recipe, the format's fallbacks); everything else keeps its
@@ -19,13 +19,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .errors import QuantKitError
-from .gguf_export import describe, float_entry
-from .gguf_file import write_gguf
-from .quantize import plan_layer
-from .recipes import RECIPES, get_recipe
-from .registry import get_format
-from .safetensors_file import read_safetensors
+from ..engine.errors import QuantKitError
+from .export import describe, float_entry
+from .file import write_gguf
+from ..engine.quantize import plan_layer
+from ..engine.recipes import RECIPES, get_recipe
+from ..engine.registry import get_format
+from ..engine.safetensors_file import read_safetensors
 
 # general.architecture (as ComfyUI-GGUF names them) -> the recipe of that family
 ARCHITECTURES = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart",
@@ -83,7 +83,7 @@ def convert(src: str, dst: str, qtype: str, arch: str, recipe: Optional[str] = N
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m backends.gguf_convert", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m backends.gguf.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="a .safetensors diffusion model or full checkpoint")
     ap.add_argument("dst", help="the .gguf file to write")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional
 
-from .errors import MalformedFile
+from ..engine.errors import MalformedFile
 
 T5_TOP = {"token_embd": "shared", "enc.output_norm": "encoder.final_layer_norm"}
 T5_BLOCK = {

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fast_linear
-from .decode_groups import INT8_ROWS, DecodePlan
-from .base import BackendAdapter, FormatSpec
-from .errors import FormatUnsupported
-from .registry import register
+from ..kernels import fast_linear
+from ..kernels.decode_groups import INT8_ROWS, DecodePlan
+from ..engine.base import BackendAdapter, FormatSpec
+from ..engine.errors import FormatUnsupported
+from ..engine.registry import register
 
 FP8 = fast_linear.FP8
 FP8_MAX = fast_linear.FP8_MAX

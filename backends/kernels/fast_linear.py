@@ -47,7 +47,7 @@ TRITON_MIN_CAPABILITY = (8, 0)  # int8 tensor-core products in Triton: Ampere an
 
 
 def _kernels():
-    from . import triton_kernels  # imports triton: only ever reached on a CUDA device
+    from . import triton_8bit as triton_kernels  # imports triton: only ever reached on a CUDA device
     return triton_kernels
 
 

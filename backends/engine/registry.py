@@ -23,12 +23,14 @@ def register(adapter_cls):
     return adapter_cls
 
 
-_ORDER = ("torchao", "bnb", "quanto", "gguf")  # how menus list them, whatever the import order
+# The built-in backends, in the order menus list them: name -> module (relative to this package)
+BUILTIN_BACKENDS = {"torchao": "..adapters.torchao", "bnb": "..adapters.bnb",
+                    "quanto": "..adapters.quanto", "gguf": "..gguf.adapter"}
 
 
 def adapters() -> Dict[str, BackendAdapter]:
     _load_builtin_backends()
-    rank = {name: i for i, name in enumerate(_ORDER)}
+    rank = {name: i for i, name in enumerate(BUILTIN_BACKENDS)}
     return {name: _ADAPTERS[name] for name in sorted(_ADAPTERS, key=lambda n: rank.get(n, len(rank)))}
 
 
@@ -105,7 +107,6 @@ def check_usable(adapter: BackendAdapter, fmt: str, device) -> FormatSpec:
     return spec
 
 
-_BUILTINS = ("torchao_backend", "bnb_backend", "quanto_backend", "gguf_backend")
 _loaded = False
 
 
@@ -115,5 +116,5 @@ def _load_builtin_backends():
     if _loaded:
         return
     _loaded = True
-    for module in _BUILTINS:
-        importlib.import_module(f"{__package__}.{module}")
+    for module in BUILTIN_BACKENDS.values():
+        importlib.import_module(module, __package__)

@@ -13,8 +13,8 @@ from typing import Callable, Dict, NamedTuple
 
 import torch
 
-from .errors import FormatUnsupported
-from .gguf_dequant import BLOCK_SIZES
+from ..engine.errors import FormatUnsupported
+from .dequant import BLOCK_SIZES
 
 
 class QuantType(NamedTuple):

@@ -17,9 +17,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import FormatUnsupported, MalformedFile
-from .gguf_dequant import BLOCK_SIZES, FLOAT_TYPES
-from .gguf_py import gguf_py
+from ..engine.errors import FormatUnsupported, MalformedFile
+from .dequant import BLOCK_SIZES, FLOAT_TYPES
+from .library import gguf_py
 
 REDO = "Download or export the file again."
 MAX_ARRAY_ITEMS = 4096  # longer metadata arrays (tokenizer vocabularies) are not materialised

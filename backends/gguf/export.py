@@ -9,9 +9,9 @@ import torch.nn as nn
 
 import torch
 
-from .errors import FormatUnsupported
-from .gguf_file import write_gguf
-from .modules import QuantizedLayer
+from ..engine.errors import FormatUnsupported
+from .file import write_gguf
+from ..engine.modules import QuantizedLayer
 
 FLOAT_TYPE_OF = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackendAdapter, FormatSpec, require_format
-from .decode_groups import DecodePlan
-from .gguf_dequant import dequantize
-from .gguf_quantize import QUANT_TYPES, quantize
-from .registry import register
+from ..engine.base import BackendAdapter, FormatSpec, require_format
+from ..kernels.decode_groups import DecodePlan
+from .dequant import dequantize
+from .quantize import QUANT_TYPES, quantize
+from ..engine.registry import register
 
 
 def _fmt(name: str, description: str, fallback=None, nominal_bits: int = 8,
@@ -60,7 +60,7 @@ class GGUFAdapter(BackendAdapter):
 
     def decode_plan(self, spec: FormatSpec, shape: torch.Size):
         try:
-            from .triton_gguf import TYPES  # the types the Triton decoder knows; no Triton, no plan
+            from ..kernels.triton_gguf import TYPES  # the types the Triton decoder knows; no Triton, no plan
         except Exception:  # noqa: BLE001 (Triton missing or broken: layers decode on their own)
             return None
         return DecodePlan(spec.name, shape.numel()) if spec.name in TYPES else None

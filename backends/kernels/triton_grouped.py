@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .triton_gguf import TYPES, _decode_elements
-from .triton_kernels import _launch
+from .triton_8bit import _launch
 
 ROWS_INT8 = 100  # int8 rows with one float32 scale per row (torchao:int8wo)
 ENTRY = 8  # int64 fields per layer: source, output offset, weights, first program, kind, scale, row length

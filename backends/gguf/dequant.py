@@ -11,8 +11,8 @@ from typing import Callable, Dict, Sequence
 
 import torch
 
-from .errors import FormatUnsupported, MalformedFile
-from .fast_linear import decode_gguf_blocks
+from ..engine.errors import FormatUnsupported, MalformedFile
+from ..kernels.fast_linear import decode_gguf_blocks
 
 QK_K = 256
 

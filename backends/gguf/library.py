@@ -2,7 +2,7 @@
 a message saying what to install when it is missing."""
 from __future__ import annotations
 
-from .errors import BackendUnavailable
+from ..engine.errors import BackendUnavailable
 
 GGUF_REQUIREMENT = "gguf>=0.10.0"
 

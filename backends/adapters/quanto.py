@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BackendAdapter, FormatSpec, require_format
-from .errors import BackendUnavailable, FormatUnsupported, MalformedFile, UnknownFormat
-from .registry import register
+from ..engine.base import BackendAdapter, FormatSpec, require_format
+from ..engine.errors import BackendUnavailable, FormatUnsupported, MalformedFile, UnknownFormat
+from ..engine.registry import register
 
 log = logging.getLogger(__name__)
 

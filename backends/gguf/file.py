@@ -21,10 +21,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import FormatUnsupported, MalformedFile
-from .gguf_dequant import BLOCK_SIZES, FLOAT_TYPES
-from .gguf_header import MAX_DIMS, REDO as _REDO, TensorInfo as GGUFTensorInfo, parse_header
-from .gguf_py import GGUF_REQUIREMENT, gguf_py as _gguf  # noqa: F401 (GGUF_REQUIREMENT: public)
+from ..engine.errors import FormatUnsupported, MalformedFile
+from .dequant import BLOCK_SIZES, FLOAT_TYPES
+from .header import MAX_DIMS, REDO as _REDO, TensorInfo as GGUFTensorInfo, parse_header
+from .library import GGUF_REQUIREMENT, gguf_py as _gguf  # noqa: F401 (GGUF_REQUIREMENT: public)
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .base import parts_nbytes
-from .decode_groups import link_decode_groups
+from ..kernels.decode_groups import link_decode_groups
 from .errors import QuantKitError
 from .modules import make_quantized
 from .recipes import Recipe
@@ -54,7 +54,7 @@ def out_of_memory_advice(work_device) -> str:
                 "GPU memory first.")
     return ("The quantized copy is built in RAM beside the input model: free RAM (unload other "
             "models, close other programs), choose a smaller format (e.g. gguf:Q4_K, about 4.5 "
-            "bits), or convert the model once outside ComfyUI (python -m backends.gguf_convert, "
+            "bits), or convert the model once outside ComfyUI (python -m backends.gguf.convert, "
             "see the README) and load the .gguf with Load GGUF Model, which never holds the "
             "16-bit model.")
 
