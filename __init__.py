@@ -1,7 +1,8 @@
 """QuantKit: quantize diffusion models and text encoders inside ComfyUI.
 
-Layout: backends/ is pure torch (one adapter per quantization library); nodes/ is the
-ComfyUI side. Only relative imports: the pack works under any folder name.
+Layout: backends/ is pure torch (engine/, adapters/ one per quantization library, gguf/,
+kernels/); nodes/ is the ComfyUI side. Only relative imports: the pack works under any
+folder name.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 

@@ -54,6 +54,21 @@ def test_readme_lists_every_format():
         assert f"`{fmt}`" in readme or (f"`{backend}:" in readme and f"{name}`" in readme), fmt
 
 
+def test_readme_architecture_names_every_backends_module():
+    """The tree in the README's Development section lists each folder of backends/ and
+    every module in it, so a reader can find a concept from the README alone. Shown able
+    to fail: a module added to backends/kernels/ without a line there."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    tree = readme.split("## Development", 1)[1].split("```", 2)[1]
+    sections = re.split(r"^  (\w+)/ ", tree, flags=re.M)  # [before, name, text, name, text, ...]
+    listed = {name: text for name, text in zip(sections[1::2], sections[2::2])}
+    for folder in sorted(p for p in (REPO_ROOT / "backends").iterdir() if (p / "__init__.py").is_file()):
+        assert folder.name in listed, f"README's tree lacks backends/{folder.name}/"
+        for module in sorted(folder.glob("*.py")):
+            if module.stem != "__init__":
+                assert module.name in listed[folder.name], f"README's tree lacks backends/{folder.name}/{module.name}"
+
+
 def test_readme_commands_are_what_ci_runs():
     readme = (REPO_ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:30])
