@@ -57,3 +57,16 @@ def noise_floor_error(root, layers: dict, compute, reference, seed: int = 0) -> 
 
 def output_error_band(floor_error: float) -> tuple:
     return OUTPUT_BAND[0] * floor_error, OUTPUT_BAND[1] * floor_error
+
+
+def assert_in_band(label: str, err: float, floor_error: float) -> None:
+    low, high = output_error_band(floor_error)
+    assert low <= err <= high, f"{label}: output error {err:.5f} outside its physics band {low:.5f}-{high:.5f}"
+
+
+def lora_effect_bound(floor_with_lora: float, floor_plain: float, with_lora, plain) -> float:
+    """How far the LoRA's effect (output with it minus without) may be off, relative to
+    its size, when both outputs are within their bands' upper edges."""
+    bound = (output_error_band(floor_with_lora)[1] * with_lora.float().norm()
+             + output_error_band(floor_plain)[1] * plain.float().norm()) / (with_lora.float() - plain.float()).norm()
+    return bound.item()

@@ -8,7 +8,8 @@ import torch
 
 from conftest import pack_module
 from harness.formats import ACTIVATION_QUANTIZED, FLOAT8_FORMATS, cpu_format_ids
-from harness.noise_reference import noise_floor_error, output_error_band, quantized_layer_names
+from harness.noise_reference import (assert_in_band, lora_effect_bound, noise_floor_error, output_error_band,
+                                     quantized_layer_names)
 from harness.state_hash import state_digest
 from harness.tiny_models import denoise, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
 
@@ -81,7 +82,7 @@ def test_quantized_model_output_bytes_and_upstream(comfy, upstream_gaussian, fmt
     print(f"{fmt}: relative output error {err:.5f}, float noise floor {floor:.5f}, "
           f"ratio {err / floor:.2f} (band {low:.5f}-{high:.5f})")
     assert torch.isfinite(out).all()
-    assert low <= err <= high, f"{fmt}: output error {err:.5f} outside its physics band {low:.5f}-{high:.5f}"
+    assert_in_band(fmt, err, floor)
     layers = [m for m in quantized.model.modules() if isinstance(m, modules.QuantizedLayer)]
     assert len(layers) >= 30
     for layer in layers:  # bytes as the format promises (payload + scales)
@@ -153,13 +154,9 @@ def test_lora_before_and_after_quantize(comfy, upstream_gaussian, fmt):
     print(f"{fmt}: LoRA effect {lora_effect:.3f}; " + "; ".join(
         f"{k} {errors[k]:.5f} (floor {floors[k]:.5f}, ratio {errors[k] / floors[k]:.2f})" for k in errors))
     for route, err in errors.items():
-        low, high = output_error_band(floors[route])
-        assert low <= err <= high, f"{fmt}, LoRA {route}: {err:.5f} outside {low:.5f}-{high:.5f}"
+        assert_in_band(f"{fmt}, LoRA {route}", err, floors[route])
     # the LoRA's own effect survives: off by at most both routes' upper bands
-    _, high_after = output_error_band(floors["after"])
-    _, high_plain = output_error_band(floors["plain"])
-    effect_bound = (high_after * ref_lora.norm() + high_plain * reference.norm()) / (ref_lora - reference).norm()
-    assert rel(after - plain, ref_lora - reference) <= effect_bound.item()
+    assert rel(after - plain, ref_lora - reference) <= lora_effect_bound(floors["after"], floors["plain"], ref_lora, reference)
     assert not any(k.startswith(tuple(targets)) for k in before_model.patches), "baked patches dropped"
     assert torch.equal(denoise(quantized, inputs), plain), "LoRA on a clone leaves the quantized model alone"
     _assert_unchanged(patcher, snapshot)
