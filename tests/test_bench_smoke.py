@@ -14,6 +14,9 @@ from harness.locations import REPO_ROOT
 
 @pytest.mark.slow
 def test_bench_smoke_run_writes_results(tmp_path):
+    """Shown able to fail (reasoned, slow): bench/run.py's smoke run measuring no
+    quantized format -> "at least one quantized format was measured"; --profile without
+    kernel kinds -> kinds["matmul"] is 0."""
     out = tmp_path / "smoke.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--smoke", "--profile", "--out", str(out)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,

@@ -35,6 +35,8 @@ def object_info(server):
 
 
 def test_pack_imports_cleanly(server):
+    """Shown able to fail (reasoned, server test): an unguarded top-level import of a missing
+    module in nodes/__init__.py -> ComfyUI logs "IMPORT FAILED" for the pack."""
     log = server.log_text()
     assert PACK_LINK_NAME in log, "ComfyUI's import-time table lists the pack"
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
@@ -42,7 +44,9 @@ def test_pack_imports_cleanly(server):
 
 
 def test_server_runs_in_the_mode_under_test(server):
-    """On a GPU, ComfyUI 0.16+ turns Dynamic VRAM on unless told not to; its log says so."""
+    """On a GPU, ComfyUI 0.16+ turns Dynamic VRAM on unless told not to; its log says so.
+    Shown able to fail (reasoned, server test): tests/harness/comfy_server.py passing
+    --disable-dynamic-vram on a GPU run that should have it -> the log line is absent."""
     major, minor = (int(x) for x in comfyui_version().split(".")[:2])
     expected = (os.environ.get("QUANTKIT_TEST_DEVICE") == "gpu" and (major, minor) >= (0, 16)
                 and "--disable-dynamic-vram" not in os.environ.get("QUANTKIT_SERVER_ARGS", ""))
@@ -51,6 +55,9 @@ def test_server_runs_in_the_mode_under_test(server):
 
 
 def test_nodes_registered_with_plain_names_and_tooltips(object_info):
+    """Shown able to fail (reasoned, server test): a node left out of
+    NODE_DISPLAY_NAME_MAPPINGS in nodes/__init__.py -> its display_name is its id; an
+    input without "tooltip" in INPUT_TYPES -> "has no tooltip"."""
     for node_id, display in OUR_NODES.items():
         assert node_id in object_info, f"{node_id} missing from /object_info"
         info = object_info[node_id]
@@ -63,19 +70,26 @@ def test_nodes_registered_with_plain_names_and_tooltips(object_info):
 
 
 def test_quantize_model_format_list_covers_every_backend(object_info):
+    """Shown able to fail (reasoned, server test): a backend whose
+    adapter is not imported by backends/engine/registry.py (e.g. bitsandbytes) -> its
+    formats (bnb:nf4) are missing from the menu."""
     formats = object_info["QuantKitQuantizeModel"]["input"]["required"]["format"][0]
     for fmt in ("torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q4_K", "gguf:Q8_0"):
         assert fmt in formats
 
 
 def test_invalid_input_is_rejected_before_running(server):
+    """Shown able to fail (reasoned, server test): Quantize Model's
+    format given as a free STRING in nodes/quantize_model.INPUT_TYPES -> "nosuch:fmt" passes
+    validation and is not named in node_errors (the missing UNET alone is rejected, which
+    the former "format|value_not_in_list" regex also accepted)."""
     prompt = {"1": {"class_type": "QuantKitQuantizeModel",
                     "inputs": {"model": ["2", 0], "format": "nosuch:fmt", "recipe": "auto"}},
               "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "missing.safetensors",
                                                             "weight_dtype": "default"}},
               "3": {"class_type": "QuantKitMemoryReport",
                     "inputs": {"model": ["1", 0], "label": "", "reset_peak": False}}}
-    with pytest.raises(ServerError, match="format|value_not_in_list"):
+    with pytest.raises(ServerError, match="nosuch:fmt"):
         server.queue(prompt)
 
 
@@ -87,6 +101,8 @@ def without_unlinked_outputs(workflow: dict) -> dict:
 
 
 def test_bundled_workflows_are_current_and_convert(object_info):
+    """Shown able to fail (reasoned, server test): a widget input added to
+    a node's INPUT_TYPES (nodes/*.py) without regenerating workflows/ -> "is stale"."""
     for name, graph in workflow_builder.GRAPHS.items():
         path = REPO_ROOT / "workflows" / name
         assert path.exists(), f"{name} is missing: regenerate with python tests/harness/build_workflows.py"
@@ -112,7 +128,10 @@ def _small(prompt):
 def test_gguf_workflows_save_then_load_and_sample(server):
     """sd15_save_gguf.json writes the quantized model and text encoder as .gguf files;
     sd15_gguf.json loads them with Load GGUF Model and Load GGUF CLIP and samples; saving
-    again without 'overwrite' is refused."""
+    again without 'overwrite' is refused.
+    Shown able to fail (reasoned, server test): output_path in nodes/save_quantized_model.py
+    without its existing-file check (shown in-process by test_save_refuses_names_...) ->
+    the last run does not raise "exists"."""
     load = lambda name: json.loads((REPO_ROOT / "workflows" / name).read_text())  # noqa: E731
     entry = server.run(to_api(load("sd15_save_gguf.json"), server.object_info()), timeout=1200)
     texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
@@ -135,6 +154,9 @@ def test_gguf_workflows_save_then_load_and_sample(server):
 
 
 def test_sd15_workflow_produces_an_image(server):
+    """Shown able to fail (reasoned, server test): MemoryReport.report returning no
+    chart image -> SaveImage of the chart fails or fewer than 2 images; Quantize Model's
+    report not naming the format -> the last assertion."""
     workflow = json.loads((REPO_ROOT / "workflows" / "sd15_quantized.json").read_text())
     prompt = to_api(workflow, server.object_info())
     for node in prompt.values():  # small and short: CPU
@@ -157,7 +179,9 @@ def test_sd15_workflow_produces_an_image(server):
 
 def test_bundled_workflows_are_templates_with_thumbnails(server):
     """ComfyUI's Templates browser lists a pack's workflows/ and shows <name>.jpg beside
-    each (app/custom_node_manager.py; the frontend asks for `.jpg`)."""
+    each (app/custom_node_manager.py; the frontend asks for `.jpg`).
+    Shown able to fail (reasoned, server test): a workflow JSON added to workflows/ without its
+    .jpg -> the thumbnail GET answers 404 (ServerError)."""
     names = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
     listed = server.get("/workflow_templates")
     assert sorted(listed.get(PACK_LINK_NAME, [])) == names, listed

@@ -39,6 +39,9 @@ def _run_workflow(tmp_path, name, size, extra_args=(), timeout=2400):
 
 @pytest.mark.slow
 def test_sdxl_workflow_end_to_end(tmp_path):
+    """Shown able to fail (reasoned, slow server test): choose_encoders
+    (nodes/quantize_text_encoder.py) quantizing clip_g for 'auto' -> "clip_g: " is in the
+    report."""
     size, texts, _ = _run_workflow(tmp_path, "sdxl_quantized.json", 128, ["--bf16-unet"])
     assert size == (128, 128)
     report = "\n".join(texts)
@@ -48,6 +51,9 @@ def test_sdxl_workflow_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_sd3_workflow_end_to_end_with_quantized_t5(tmp_path):
+    """Shown able to fail (reasoned, slow server test): 'auto' leaving out
+    t5xxl in choose_encoders -> "t5xxl: torchao:int8wo" is missing; detect_family not
+    mapping "SD3" -> "(generic recipe)"."""
     size, texts, _ = _run_workflow(tmp_path, "sd3_quantized.json", 128)
     assert size == (128, 128)
     report = "\n".join(texts)
@@ -58,6 +64,8 @@ def test_sd3_workflow_end_to_end_with_quantized_t5(tmp_path):
 @pytest.mark.slow
 @pytest.mark.both_versions
 def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
+    """Shown able to fail (reasoned, slow server test): "PixArtSigma" missing from
+    FAMILY_BY_CONFIG in nodes/quantize_model.py -> "(generic recipe)", not "(pixart recipe)"."""
     # PixArt needs >= 40x40 latents; the fp8 flag keeps the source T5 at its stored 4.8 GB
     # (ComfyUI would widen it to 9.5 GB in fp16) so a 24 GB machine holds it and its copy.
     size, texts, _ = _run_workflow(tmp_path, "pixart_quantized.json", 320, ["--fp8_e4m3fn-text-enc"])
@@ -70,7 +78,10 @@ def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
 @pytest.mark.slow
 def test_pixart_gguf_workflow_on_files_other_tools_wrote(tmp_path):
     """pixart_gguf.json on a PixArt model and a T5 (llama.cpp names) written by gguf-py
-    alone: Load GGUF Model and Load GGUF CLIP, sampled through the server."""
+    alone: Load GGUF Model and Load GGUF CLIP, sampled through the server.
+    Shown able to fail (reasoned, slow server test): is_llama_cpp_t5 in backends/gguf/names.py
+    answering False -> the T5's llama.cpp names reach ComfyUI unrenamed and no T5 loads;
+    swap_in_quantized not recording the F16 kept layers -> "types F16, Q8_0" is missing."""
     models, standins = tmp_path / "base" / "models", standins_path()
     (models / "diffusion_models").mkdir(parents=True)
     (models / "text_encoders").mkdir(parents=True)

@@ -120,6 +120,8 @@ def report_box(browser: Browser, node_id: int):
 
 # -- 1. the page ------------------------------------------------------------------------
 def test_page_loads_with_our_extension(browser, server):
+    """Shown able to fail (reasoned, browser test): without WEB_DIRECTORY in the
+    pack's __init__.py -> EXTENSION_URL is not in /extensions."""
     assert EXTENSION_URL in server.get("/extensions"), "the server lists our web extension"
     assert EXTENSION_NAME in browser.js("return app.extensions.map(e => e.name)"), \
         "show_text.js registered its extension"
@@ -136,6 +138,9 @@ def test_page_loads_with_our_extension(browser, server):
 # -- 2. the bundled workflows -----------------------------------------------------------
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_bundled_workflow_loads(browser, path):
+    """Shown able to fail (reasoned, browser test): "format" moved after
+    "recipe" in nodes/quantize_model.INPUT_TYPES -> the saved values fill the widgets in the
+    new order and the format widget holds "auto", not the saved format."""
     saved = json.loads(path.read_text())
     browser.load_workflow(saved)
     nodes = {n["id"]: n for n in graph_nodes(browser)}
@@ -168,6 +173,10 @@ def test_bundled_workflow_loads(browser, path):
 
 # -- 3. a run from the UI ---------------------------------------------------------------
 def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
+    """Shown able to fail (reasoned, browser test): without
+    `widget.serialize = false` in nodes/web/show_text.js the report lands in widgets_values
+    ("widgets_values unchanged" fails); without `widget.options.serialize = false` it is
+    sent as an input ("leaked") and the second Run re-runs our nodes."""
     saved = json.loads((REPO_ROOT / "workflows" / "sd15_quantized.json").read_text())
     by_type = {}
     for n in saved["nodes"]:

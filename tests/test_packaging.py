@@ -12,6 +12,8 @@ registry = pack_module("backends.engine.registry")
 
 
 def test_pyproject_has_registry_metadata():
+    """Shown able to fail: the `Icon = ""` line removed from pyproject.toml's [tool.comfy]
+    -> "Icon" is missing."""
     data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     project, comfy = data["project"], data["tool"]["comfy"]
     assert "comfyui" not in project["name"].lower()
@@ -22,6 +24,8 @@ def test_pyproject_has_registry_metadata():
 
 
 def test_requirements_are_plain_lines_without_torch():
+    """Shown able to fail: a `torch>=2.1` line added to requirements.txt -> "Manager never
+    installs torch from here"."""
     lines = [l.strip() for l in (REPO_ROOT / "requirements.txt").read_text().splitlines()
              if l.strip() and not l.startswith("#")]
     assert lines
@@ -31,6 +35,8 @@ def test_requirements_are_plain_lines_without_torch():
 
 
 def test_backends_never_import_comfy():
+    """Shown able to fail: `import comfy.utils` (even under `if False:`) added to
+    backends/gguf/library.py -> "library.py imports ['comfy.utils']"."""
     for path in (REPO_ROOT / "backends").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -41,6 +47,8 @@ def test_backends_never_import_comfy():
 
 
 def test_only_relative_imports_of_the_pack():
+    """Shown able to fail: `from backends.engine import errors` added to
+    backends/gguf/library.py -> the regex finds it."""
     for folder in ("backends", "nodes"):
         for path in (REPO_ROOT / folder).rglob("*.py"):
             text = path.read_text()
@@ -48,6 +56,8 @@ def test_only_relative_imports_of_the_pack():
 
 
 def test_readme_lists_every_format():
+    """Shown able to fail: torchao's "fp8dq" renamed "fp8rowdq" in
+    backends/adapters/torchao.py (README unchanged) -> torchao:fp8rowdq is not listed."""
     readme = (REPO_ROOT / "README.md").read_text()
     for fmt in registry.all_format_ids():
         backend, name = fmt.split(":")
@@ -70,6 +80,9 @@ def test_readme_architecture_names_every_backends_module():
 
 
 def test_readme_commands_are_what_ci_runs():
+    """Shown able to fail (reasoned, not run: .ci/ is not edited in tests): `bash .ci/test`
+    replaced in .ci/run by a direct pytest call, or the README's quick start moved below its
+    30th line -> the matching assertion fails."""
     readme = (REPO_ROOT / "README.md").read_text()
     first_screen = "\n".join(readme.splitlines()[:30])
     assert "bash .ci/demo" in first_screen and "bash .ci/test" in first_screen
@@ -121,6 +134,8 @@ def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
 
 
 def test_optional_backends_are_extras_and_published_archive_is_lean():
+    """Shown able to fail: the `bench/` line removed from .comfyignore -> "bench/" is not
+    ignored."""
     data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     hard = " ".join(data["project"]["dependencies"])
     extras = data["project"]["optional-dependencies"]
@@ -139,7 +154,9 @@ _RUNTIME_INSTALL = re.compile(r"\bpip\b.*\binstall\b|\bensurepip\b")
 def test_pack_code_has_no_eval_exec_or_runtime_install():
     """What the registry's validator looks for, over the code that ships (nodes/, backends/,
     __init__.py): no eval/exec/compile of strings, no os.system, no pip at run time
-    (messages telling the user to run pip are text, not calls)."""
+    (messages telling the user to run pip are text, not calls).
+    Shown able to fail: `eval("1")` (under `if False:`) added to backends/gguf/library.py
+    -> "library.py:9 calls eval"."""
     paths = [REPO_ROOT / "__init__.py", *(REPO_ROOT / "nodes").rglob("*.py"), *(REPO_ROOT / "backends").rglob("*.py")]
     for path in paths:
         tree = ast.parse(path.read_text())

@@ -4,17 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .draws import gaussian, heavy_tailed, rel_err
+from .draws import gaussian
+from .formats import weight_error_band
 
 
-def check_round_trip(adapter, name: str, dist: str, bound: float) -> None:
-    spec = adapter.formats[name]
-    w = gaussian((256, 512)) if dist == "gaussian" else heavy_tailed((256, 512))
-    back = adapter.dequantize(adapter.quantize(w, spec), spec, w.shape, torch.float32)
-    err = rel_err(back, w)
-    print(f"{spec.id} {dist}: relative error {err:.4f} (bound {bound})")
-    assert back.shape == w.shape and back.dtype == torch.float32
-    assert err < bound
+def assert_weight_in_band(spec, err: float, heavy: bool, what: str) -> None:
+    """A round trip's relative error inside the format's rate-distortion band (formats.py)."""
+    low, high = weight_error_band(spec.id, spec.bits_per_weight, heavy)
+    print(f"{spec.id} {what}: relative error {err:.4f} (band {low:.4f}-{high:.4f})")
+    assert low <= err <= high, f"{spec.id} {what}: relative error {err:.4f} outside {low:.4f}-{high:.4f}"
 
 
 def check_plain_parts_with_honest_size(adapter, name: str, parts_nbytes) -> None:

@@ -27,11 +27,30 @@ def fuzz_settings(ci_cases: int):
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def python_peak(fn, *args):
-    """(fn(*args) or the QuantKit error it raised, peak bytes of Python memory it took)."""
+NATIVE_SLACK = 32 << 20  # page granularity, allocator arenas and tracemalloc's own tables
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peaks(fn, *args):
+    """(fn(*args), peak bytes of Python memory it took (tracemalloc: Python and numpy
+    objects), peak growth of the process's resident memory while it ran (what torch or any
+    C code allocated and touched: Linux's VmHWM, reset to the current RSS first)). fn runs
+    twice, the RSS run first and without tracemalloc, whose own tables would count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = _status_bytes("VmRSS")
+    fn(*args)
+    native = _status_bytes("VmHWM") - before
     tracemalloc.start()
     try:
-        return fn(*args), tracemalloc.get_traced_memory()[1]
+        return fn(*args), tracemalloc.get_traced_memory()[1], native
     finally:
         tracemalloc.stop()
 

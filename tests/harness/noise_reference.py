@@ -39,6 +39,50 @@ def quantized_layer_names(model) -> dict:
     return {name: m.spec for name, m in model.named_modules() if isinstance(m, modules.QuantizedLayer)}
 
 
+def expected_quantized_layers(root, format_id: str, recipe_name: str, exclude: str = "",
+                              prefix: str = "") -> dict:
+    """{module name: format spec} that `recipe_name` should quantize in `root` (the float
+    source model), written out from the recipe's and the format's tables rather than taken
+    from the quantized model (names relative to `root`, as recipes match them, then
+    prefixed with `prefix`): a layer left unquantized by mistake is then missing from the
+    noise reference and from the expected set, and the tests see it."""
+    import re
+    from conftest import pack_module
+    registry = pack_module("backends.engine.registry")
+    recipe = pack_module("backends.engine.recipes").RECIPES[recipe_name]
+    adapter, spec = registry.get_format(format_id)
+
+    def fits(s, shape):
+        width = shape[1:].numel()
+        return len(shape) >= 2 and (len(shape) == 2 or s.conv_ok) and width % s.block_size == 0
+
+    out = {}
+    for name, m in root.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        kept = [p for p in recipe.keep + (recipe.final_projection if spec.keep_final_projection else ())
+                if re.search(p, name)]
+        if kept or (exclude and re.search(exclude, name)) or m.weight.numel() < recipe.min_params:
+            continue
+        for candidate in (spec, adapter.formats.get(spec.fallback)):
+            if candidate is not None and fits(candidate, m.weight.shape):
+                out[prefix + name] = candidate
+                break
+    return out
+
+
+def recipe_checked_layers(quantized_model, root, format_id: str, recipe_name: str, **kw) -> dict:
+    """The expected layers (above) after checking that `quantized_model` quantized exactly
+    those, each in the expected format; `kw` as for expected_quantized_layers."""
+    expected = expected_quantized_layers(root, format_id, recipe_name, **kw)
+    got = {name: spec.id for name, spec in quantized_layer_names(quantized_model).items()}
+    want = {name: spec.id for name, spec in expected.items()}
+    assert got == want, (f"{format_id}: layers not as recipe '{recipe_name}' says: missing "
+                         f"{sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}, "
+                         f"other format {sorted(k for k in got.keys() & want.keys() if got[k] != want[k])}")
+    return expected
+
+
 def noise_floor_error(root, layers: dict, compute, reference, seed: int = 0) -> float:
     """Relative output error once each layer of `root` named in `layers` has Gaussian noise
     of its format's floor_relative_rms added to its weight. `root` is an unquantized copy

@@ -5,7 +5,7 @@ format's own dequantizer), inside bands set from each format's bits (harness/for
 How to see these fail: store torchao's int8 scale 3 % too large (done: int8wo's round trip
 leaves its band); a Q8_0 that stored Q6_K's error (1.7 %) would leave Q8_0's band
 (0.28-0.88 %), an int8 in place of an fp8 format falls below fp8's (1.8-3.6 %); make
-QuantizedLinear add its bias twice, or skip the conv's padding (the products leave theirs)."""
+QuantizedLinear add its bias twice, or flip the conv's kernel (the products leave theirs)."""
 from __future__ import annotations
 
 import pytest
@@ -37,11 +37,17 @@ def fmt(request):
 
 
 def test_all_four_backends_are_registered():
+    """Shown able to fail: the @register decorator removed from QuantoAdapter in
+    adapters/quanto.py -> 'quanto' is missing from registry.adapters() (subset fails)."""
     assert {"torchao", "bnb", "quanto", "gguf"} <= set(registry.adapters())
     assert len(CPU_FORMATS) >= 12
 
 
 def test_round_trip_plain_parts_and_bytes(fmt):
+    """Round trip inside the format's band (Gaussian and heavy-tailed), plain parts, honest
+    bytes.
+    Shown able to fail: "scale": scale * 1.03 in adapters/torchao.py's _quantize_int8 (the
+    scale stored 3 % too large) -> int8wo and int8dq leave their band (0.031 > 0.0125)."""
     adapter, spec = fmt
     gaussian = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
     for name, w in (("gaussian", gaussian), ("heavy", heavy_tailed((512, 1024), 1))):
@@ -59,6 +65,10 @@ def test_round_trip_plain_parts_and_bytes(fmt):
 
 
 def test_quantized_linear_matches_dequantized_math(fmt):
+    """QuantizedLinear against the float64 product of the float weights.
+    Shown able to fail: QuantizedLinear.forward (engine/modules.py) returning
+    adapter.linear(...) + self._bias_for(x) (bias added twice) -> 0.85 against a bound near
+    0.04-0.15 (int8wo, nf4, nf4dq, Q4_K checked)."""
     adapter, spec = fmt
     lin = nn.Linear(1024, 256)
     with torch.no_grad():
@@ -82,6 +92,10 @@ def test_quantized_linear_matches_dequantized_math(fmt):
 
 
 def test_quantized_conv_matches_dequantized_math(fmt):
+    """QuantizedConv against the float64 conv of the float weights.
+    Shown able to fail: conv(x, w.flip(-1), ...) in QuantizedConv.forward (engine/modules.py)
+    -> 1.15 against 1.25 x the weight error (int8wo, nf4, nf4dq, Q4_K checked); padding 0
+    instead of self.padding -> the output shapes differ (RuntimeError)."""
     adapter, spec = fmt
     conv = nn.Conv2d(256, 128, 3, padding=1)  # 256*3*3 inputs: whole GGUF blocks
     if not spec.conv_ok:
@@ -110,6 +124,8 @@ class Toy(nn.Module):
 
 
 def test_quantize_tree_counts_kept_and_unsupported_layers():
+    """Shown able to fail: the min_params check in engine/quantize.py's plan_layer replaced by
+    `if False:` -> "tiny" is kept for its shape, without "tiny" in the reason (assert fails)."""
     model = Toy()
     copy = clone.clone_tree(model)
     report = quantize.quantize_tree(copy, "gguf:Q4_K", recipes.get_recipe("generic"), target="toy")
@@ -126,6 +142,8 @@ def test_quantize_tree_counts_kept_and_unsupported_layers():
 
 
 def test_clone_shares_storage_but_not_objects():
+    """Shown able to fail: new_params[id(param)] = param in engine/clone.py's clone_tree (the
+    source Parameter reused) -> `is not` fails."""
     model = Toy()
     copy = clone.clone_tree(model)
     assert copy.body[0].weight is not model.body[0].weight
@@ -135,6 +153,8 @@ def test_clone_shares_storage_but_not_objects():
 
 
 def test_unknown_recipe_is_a_quantkit_error_naming_the_known_ones():
+    """Shown able to fail: Known recipes: {sorted(RECIPES)} in engine/recipes.py's get_recipe
+    -> the message no longer reads "sd15, sdxl" (regex does not match)."""
     errors = pack_module("backends.engine.errors")
     with pytest.raises(errors.QuantKitError, match=r"Unknown recipe 'sd9'\. Known recipes: sd15, sdxl"):
         recipes.get_recipe("sd9")

@@ -5,11 +5,6 @@ On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a sub
 group's "runs here" gate is opened for CPU tensors there); the GPU machine runs it compiled
 (test_gpu_fast_linear.py). Expected weights come from gguf-py's numpy decoders and a float
 computation of q * scale, not from the per-layer decoder the layers use otherwise.
-How to see these fail: in triton_grouped's int8 branch index the scale by `o % row_len`, or
-give Q4_K's branch Q5_K's block size (the weights differ); in DecodeGroup.weight drop the
-owner check (`buf.owner is not self`); form groups in module order instead of call order,
-or ignore max_weights (the group layout checks fail); return the views of the buffer the
-group decoded last instead of `buf.views` (the float32 call after a bf16 one gets bf16).
 """
 from __future__ import annotations
 
@@ -130,6 +125,10 @@ def _run():
 
 
 def test_grouped_decoding_in_triton_interpreter():
+    """Shown able to fail: DecodeGroup.weight without its owner check (`buf.owner is not
+    self`) -> the script crashes: a member of one group gets a slice of another's buffer
+    (RuntimeError: expanded size 128 vs 256). Reasoned, not run: forming groups in module
+    order fails the "order" check; ignoring max_weights fails "sizes_total"."""
     report = _run()
     for fmt, result in ((k, v) for k, v in report.items() if ":" in k):
         assert result["groups"] == 1, (fmt, result)
@@ -150,7 +149,10 @@ def test_grouped_decoding_in_triton_interpreter():
 
 
 def test_no_grouping_on_the_cpu_path():
-    """Outside the interpreter the gate is closed on CPU tensors: layers decode alone."""
+    """Outside the interpreter the gate is closed on CPU tensors: layers decode alone, also
+    after the first pass, when groups form.
+    Shown able to fail: _runs_here returning True -> the group tries its Triton launch on
+    CPU tensors, which fails and switches Triton off (fast._TRITON False)."""
     dg = pack_module("backends.kernels.decode_groups")
     quantize = pack_module("backends.engine.quantize")
     Recipe = pack_module("backends.engine.recipes").Recipe
@@ -158,6 +160,10 @@ def test_no_grouping_on_the_cpu_path():
     quantize.quantize_tree(root, "gguf:Q8_0", Recipe("t", min_params=0), target="t",
                            run_device=torch.device("cpu"), work_device=torch.device("cpu"))
     assert root[0].decode_group is not None  # a candidate, waiting for a pass on the GPU
+    fast = pack_module("backends.kernels.fast_linear")
+    triton_on = fast._TRITON
     for _ in range(2):
+        root(torch.randn(2, 256))
         assert root[0]._grouped_weight(torch.randn(2, 256)) is None
         assert root[1]._grouped_weight(torch.randn(2, 256)) is None
+    assert fast._TRITON == triton_on, "no launch was tried (and failed) on CPU tensors"

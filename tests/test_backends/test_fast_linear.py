@@ -2,8 +2,6 @@
 
 Expected values are float64 products of the same quantized operands, computed here from
 first principles (scale = row absmax / 127, round half to even), not by the code under test.
-How to see these fail: change INT8_MAX in backends/kernels/fast_linear.py to 128, or make
-int8_linear ignore `dynamic`; the exactness and error-band tests go red.
 """
 from __future__ import annotations
 
@@ -32,6 +30,8 @@ def _operands(m=96, k=512, n=192, seed=3):
 
 
 def test_activation_rows_quantize_like_the_float64_formula():
+    """Shown able to fail: INT8_MAX = 128.0 in fast_linear.py -> the scales differ from
+    absmax / 127."""
     x = heavy_tailed((64, 300), 7) * 40
     q, s = fast.quantize_rows_reference(x, torch.int8, fast.INT8_MAX)
     q64, s64 = _int8_rows(x.double())
@@ -42,6 +42,8 @@ def test_activation_rows_quantize_like_the_float64_formula():
 
 @pytest.mark.parametrize("rows", [96, 1100])  # 1100: three row blocks, the last one ragged
 def test_cpu_w8a8_equals_the_exact_product_of_its_quantized_operands(rows):
+    """Shown able to fail: _cpu_int_mm quantizing x2[0:rows] for every row block -> the
+    1100-row case (three blocks) differs; 96 rows (one block) still pass."""
     x, w, q, s, bias = _operands(m=rows)
     fast.KERNELS.clear()
     y = fast.int8_linear(x, q, s, bias, dynamic=True)
@@ -54,6 +56,7 @@ def test_cpu_w8a8_equals_the_exact_product_of_its_quantized_operands(rows):
 
 
 def test_cpu_weight_only_keeps_activations_exact():
+    """Shown able to fail: _dequant_matmul dequantizing to bfloat16 -> relative error 1.6e-3."""
     x, w, q, s, bias = _operands()
     fast.KERNELS.clear()
     y = fast.int8_linear(x, q, s, bias, dynamic=False)
@@ -66,7 +69,9 @@ def test_w8a8_error_band_against_the_float_layer():
     """Per-channel int8 weights plus per-row int8 activations on Gaussian data: the output
     error is set by two roundings of step absmax/127 (~3.5 sigma/127, uniform noise). The
     band is narrow enough that a weight-only path (too small) or a wrong scale (too big)
-    falls outside it."""
+    falls outside it.
+    Shown able to fail: int8_linear ignoring `dynamic` on the CPU (`if False:` for the
+    _cpu_int_mm branch) -> e_dq 0.0079 < 1.2 x predicted 0.0082."""
     x = gaussian((256, 1024), 11) * 50
     w = gaussian((512, 1024), 12)
     q64, s64 = _int8_rows(w.double())
@@ -80,6 +85,8 @@ def test_w8a8_error_band_against_the_float_layer():
 
 
 def test_fp8_off_gpu_computes_weight_only():
+    """Shown able to fail: fp8_linear without its fp8_matmul_supported check -> the
+    scaled_mm:fp8 path runs instead of dequant+matmul."""
     adapter, spec = registry.get_format("torchao:fp8wo")
     w = heavy_tailed((64, 128), 4)
     parts = adapter.quantize(w, spec)
@@ -93,6 +100,8 @@ def test_fp8_off_gpu_computes_weight_only():
 
 @pytest.mark.parametrize("fmt", ["torchao:int8wo", "torchao:int8dq"])
 def test_quantized_model_compiles_whole_and_matches_eager(fmt):
+    """Shown able to fail: int8_linear branching on `bool((x2 != x2).any())` -> 9 graph
+    breaks (Tensor.item()), not 0."""
     quantize = pack_module("backends.engine.quantize")
     recipes = pack_module("backends.engine.recipes")
     torch.manual_seed(0)
@@ -109,7 +118,8 @@ def test_quantized_model_compiles_whole_and_matches_eager(fmt):
 
 def test_a_triton_that_cannot_build_falls_back_once_with_a_warning(monkeypatch, caplog):
     """No C compiler (Triton builds a launcher with one) must not break a run: the layer
-    computes through plain torch, Triton is switched off, and the log says why."""
+    computes through plain torch, Triton is switched off, and the log says why.
+    Shown able to fail: triton_failed without `_TRITON = False` -> fast._TRITON stays True."""
     class Broken:
         def quantize_rows(self, *a, **k):
             raise RuntimeError("Failed to find C compiler. Please specify via CC")
@@ -129,6 +139,8 @@ def test_a_triton_that_cannot_build_falls_back_once_with_a_warning(monkeypatch, 
 
 
 def test_out_of_memory_in_a_kernel_is_not_taken_for_a_missing_triton(monkeypatch):
+    """Shown able to fail: triton_failed without its OutOfMemoryError re-raise -> DID NOT
+    RAISE OutOfMemoryError."""
     class OutOfMemory:
         def int8_weight_matmul(self, *a, **k):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

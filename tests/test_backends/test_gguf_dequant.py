@@ -26,14 +26,17 @@ def reference(raw: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def test_tables_agree_with_gguf_py():
+    """Shown able to fail: BLOCK_SIZES["Q4_K"] = (QK_K, 146) -> differs from gguf-py's
+    GGML_QUANT_SIZES (256, 144)."""
     for name, (block_len, type_size) in dq.BLOCK_SIZES.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block_len, type_size)
 
 
 @pytest.mark.parametrize("name", TYPES, ids=TYPES)
 def test_random_bytes_decode_like_gguf_py(name):
-    # every bit pattern, not just ones our quantizer makes; fp16 scales may be inf/nan:
-    # assert_array_equal counts nan == nan
+    """Every bit pattern, not just ones our quantizer makes; fp16 scales may be inf/nan
+    (assert_array_equal counts nan == nan).
+    Shown able to fail: dequant_q4_0 subtracting 7 instead of 8 -> Q4_0 differs from gguf-py."""
     block_len, type_size = dq.BLOCK_SIZES[name]
     raw = torch.randint(0, 256, (6, 4 * type_size), dtype=torch.uint8,
                         generator=torch.Generator().manual_seed(3))
@@ -44,6 +47,8 @@ def test_random_bytes_decode_like_gguf_py(name):
 
 @pytest.mark.parametrize("name", QUANTIZABLE, ids=QUANTIZABLE)
 def test_our_quantizer_bytes_decode_like_gguf_py(name):
+    """Shown able to fail: _k_scales_mins masking the scales' top bits with 0x10 instead of
+    0x30 -> Q5_K (and Q4_K, same helper) differ from gguf-py."""
     w = torch.randn(16, 1024, generator=torch.Generator().manual_seed(1)) * 0.02
     raw = gq.quantize(w, name)
     assert torch.equal(dq.dequantize(raw, name, w.shape), reference(raw, name))
@@ -51,6 +56,8 @@ def test_our_quantizer_bytes_decode_like_gguf_py(name):
 
 @pytest.mark.parametrize("name", LEGACY, ids=LEGACY)
 def test_gguf_py_quantizer_bytes_decode_like_gguf_py(name):
+    """Bytes from gguf-py's own quantizer, decoded by both.
+    Shown able to fail: dequant_q5_1 subtracting the min instead of adding it -> Q5_1 differs."""
     w = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
     raw = np_quantize(w, gguf.GGMLQuantizationType[name])
     ours = dq.dequantize(torch.from_numpy(raw), name, w.shape)
@@ -59,15 +66,20 @@ def test_gguf_py_quantizer_bytes_decode_like_gguf_py(name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q3_K"], ids=["Q8_0", "Q4_K", "Q3_K"])
-def test_low_precision_output_is_the_float32_result_rounded(name, dtype):
+def test_low_precision_output_is_gguf_py_result_rounded(name, dtype):
+    """fp16/bf16 output equals gguf-py's float32 decode rounded once (no double rounding).
+    Shown able to fail: dequant_q8_0 multiplying q.to(dtype) * d.to(dtype) -> the bf16
+    results differ in the last bit (fp16 ones happen to match)."""
     w = torch.randn(4, 512) * 0.02
     raw = gq.quantize(w, name)
     assert torch.equal(dq.dequantize(raw, name, w.shape, dtype),
-                       dq.dequantize(raw, name, w.shape).to(dtype))
+                       reference(raw, name).reshape(w.shape).to(dtype))
 
 
 @pytest.mark.parametrize("name", ["F32", "F16", "BF16"], ids=["F32", "F16", "BF16"])
 def test_float_types_pass_through(name):
+    """Shown able to fail: dequantize() viewing float bytes as FLOAT_TYPES["F16"] whatever the
+    type -> F32 bytes raise MalformedFile (twice as many values)."""
     t = torch.randn(3, 4, 5).to(dq.FLOAT_TYPES[name])
     as_bytes = t.reshape(-1).view(torch.uint8).reshape(3, -1)
     assert torch.equal(dq.dequantize(as_bytes, name, t.shape, t.dtype), t)
@@ -75,6 +87,8 @@ def test_float_types_pass_through(name):
 
 
 def test_bad_inputs_raise_clear_errors():
+    """Shown able to fail: dequantize() without its raw.dtype != torch.uint8 check -> the
+    float input raises NotImplementedError, not MalformedFile."""
     raw = gq.quantize(torch.randn(2, 256), "Q4_K")
     with pytest.raises(errors.FormatUnsupported, match="IQ2_XS"):
         dq.dequantize(raw, "IQ2_XS", (2, 256))
@@ -86,7 +100,9 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("name", TYPES, ids=TYPES)
 def test_traces_as_one_graph(name):
-    """No graph breaks, no .item(): fullgraph compile (aot_eager: no code generation)."""
+    """No graph breaks, no .item(): fullgraph compile (aot_eager: no code generation).
+    Shown able to fail: dequant_q8_0 branching on `if d.abs().max() > 1e30` -> Q8_0 fails
+    to compile with fullgraph=True (data-dependent control flow)."""
     torch._dynamo.reset()
     block_len, type_size = dq.BLOCK_SIZES[name]
     raw = (gq.quantize(torch.randn(4, 512), name) if name in QUANTIZABLE else
@@ -102,6 +118,11 @@ def test_traces_as_one_graph(name):
 
 @pytest.mark.gpu
 def test_cuda_and_inductor_match_cpu():
+    """Triton decoder and inductor within float32 rounding of the CPU torch decoders (which
+    the tests above tie to gguf-py bit for bit).
+    Shown able to fail (reasoned, GPU only): triton_gguf._k_scale_min shifting the upper
+    sub-blocks' top scale bits by << 5 instead of << 4 -> Q5_K and Q4_K on CUDA differ far
+    beyond rtol 2e-7."""
     if not torch.cuda.is_available():
         pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_tests)")
     w = torch.randn(64, 1024) * 0.02

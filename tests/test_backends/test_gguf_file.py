@@ -45,6 +45,8 @@ def written(tmp_path_factory):
 
 
 def test_round_trip_keeps_types_shapes_bytes(written):
+    """Shown able to fail: read_gguf ignoring the recorded original shapes (`if info.name in
+    orig_shapes` -> `if False`) -> conv.weight reads as (8, 256), not (8, 64, 2, 2)."""
     path, tensors = written
     got = gf.read_gguf(path)
     assert got.architecture == "flux"
@@ -60,6 +62,8 @@ def test_round_trip_keeps_types_shapes_bytes(written):
 
 
 def test_round_trip_keeps_metadata(written):
+    """Shown able to fail: write_gguf without add_quantization_version -> KeyError
+    'general.quantization_version'."""
     got = gf.read_gguf(written[0]).metadata
     for key, value in METADATA.items():
         assert got[key] == value, key  # the float values are exact in float32
@@ -69,7 +73,10 @@ def test_round_trip_keeps_metadata(written):
 
 
 def test_file_stores_ggml_dimension_order(written):
-    """GGUF lists dims innermost first: torch [rows, cols] is [cols, rows] in the file."""
+    """GGUF lists dims innermost first: torch [rows, cols] is [cols, rows] in the file
+    (read by gguf-py's GGUFReader).
+    Shown able to fail: write_gguf recording list(reversed(shape)) as the original shape ->
+    [2, 2, 64, 8] != [8, 64, 2, 2]."""
     reader = gguf.GGUFReader(written[0])
     dims = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
     assert dims["blocks.0.Q8_0.weight"] == [512, 4]
@@ -79,10 +86,18 @@ def test_file_stores_ggml_dimension_order(written):
 
 
 def test_read_data_dequantizes_like_gguf_py(written):
-    got = gf.read_gguf(written[0])
-    t = got.tensors["blocks.3.Q4_0.weight"]
-    theirs = gguf.quants.dequantize(t.data.numpy(), gguf.GGMLQuantizationType.Q4_0)
-    assert torch.equal(dq.dequantize(t.data, t.qtype, t.shape), torch.from_numpy(theirs))
+    """Every tensor as our reader and decoder give it equals what gguf-py's own GGUFReader
+    and dequantize make of the file.
+    Shown able to fail: read_gguf slicing each tensor's bytes from info.start + 32 -> the
+    first tensor, blocks.0.Q8_0.weight, differs."""
+    got = gf.read_gguf(written[0]).tensors
+    reader = gguf.GGUFReader(written[0])
+    assert [t.name for t in reader.tensors] == list(got)
+    for rt in reader.tensors:
+        t = got[rt.name]
+        theirs = np_dequantize(np.asarray(rt.data), rt.tensor_type).astype(np.float32)
+        ours = dq.dequantize(t.data, t.qtype, t.shape).numpy()
+        np.testing.assert_array_equal(ours, theirs.reshape(t.shape), err_msg=rt.name)
 
 
 # -- broken files -------------------------------------------------------------------------
@@ -93,9 +108,11 @@ def read_error(path):
     return info.value
 
 
-@pytest.mark.parametrize("fraction", [0.001, 0.3, 0.6, 0.999],
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.6, 0.999],  # metadata: bytes 24-450 of 28736
                          ids=["in-header", "in-metadata", "in-data", "last-bytes"])
 def test_truncated_file(written, tmp_path, fraction):
+    """Shown able to fail: parse_header without its _check_extents call -> the in-data cut
+    raises RuntimeError from _tensor_data's reshape, not MalformedFile."""
     data = written[0].read_bytes()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:max(1, int(len(data) * fraction))])
@@ -105,6 +122,8 @@ def test_truncated_file(written, tmp_path, fraction):
 
 
 def test_truncated_data_names_the_tensor(written, tmp_path):
+    """Shown able to fail: parse_header without its _check_extents call -> RuntimeError
+    (shape '[6, 4]' is invalid for input of size 22), no tensor named."""
     data = written[0].read_bytes()
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[:-20])  # the last tensor's padding and 4 of its 48 bytes
@@ -117,16 +136,22 @@ def test_truncated_data_names_the_tensor(written, tmp_path):
                                      .numpy().tobytes()],
                          ids=["empty", "bad-magic", "byte-ramp", "random"])
 def test_not_a_gguf_file(tmp_path, content):
+    """Shown able to fail: header._start without its magic check -> the byte ramp is taken
+    for GGUF version 117835012 (FormatUnsupported, not MalformedFile)."""
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(content)
     assert isinstance(read_error(bad), errors.MalformedFile)
 
 
 def test_missing_file(tmp_path):
+    """Shown able to fail: _open not catching OSError -> FileNotFoundError escapes."""
     assert isinstance(read_error(tmp_path / "nope.gguf"), errors.MalformedFile)
 
 
 def test_random_bytes_after_a_valid_magic(tmp_path):
+    """Random tensor and metadata counts must fail as our error naming the file.
+    Shown able to fail: _Cursor.error leaving out self.path -> "it declares 9640951156843539237
+    tensors ..." does not name the file."""
     g = torch.Generator().manual_seed(1)
     for i in range(20):
         body = torch.randint(0, 256, (2048,), dtype=torch.uint8, generator=g).numpy().tobytes()
@@ -148,6 +173,8 @@ def write_one(path, qtype_name, nbytes, shape):
 
 
 def test_undecodable_type_names_the_tensor(tmp_path):
+    """Shown able to fail: _decoded_by_gguf_py not turning gguf-py's NotImplementedError into
+    FormatUnsupported -> NotImplementedError (Q8_K) escapes."""
     path = tmp_path / "q8k.gguf"  # Q8_K: llama.cpp's internal type, no decoder anywhere
     block_len, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
     write_one(path, "Q8_K", 2 * 256 // block_len * type_size, (2, 256))
@@ -176,6 +203,8 @@ def _write_blocks(path, qtype_name, raw):
 
 @pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
 def test_iq4_types_are_read_as_they_are(tmp_path, qtype):
+    """Blocks written by gguf-py's GGUFWriter; expected values from gguf-py's dequantize.
+    Shown able to fail: IQ4_LEVELS starting at -126 instead of -127 -> IQ4_NL values differ."""
     raw = _random_blocks(qtype, 3, 512)
     _write_blocks(tmp_path / "iq4.gguf", qtype, raw)
     t = gf.read_gguf(tmp_path / "iq4.gguf").tensors["odd.weight"]
@@ -185,6 +214,8 @@ def test_iq4_types_are_read_as_they_are(tmp_path, qtype):
 
 
 def test_types_only_gguf_py_decodes_are_read_as_f16_and_logged_once(tmp_path, caplog):
+    """Shown able to fail: _decoded_by_gguf_py not adding the type to _DECODED_BY_GGUF_PY
+    -> the warning is logged twice (2 == 1)."""
     raw = _random_blocks("IQ2_XXS", 2, 512)
     want = np_dequantize(raw.numpy(), gguf.GGMLQuantizationType.IQ2_XXS).astype(np.float16)
     for i in range(2):
@@ -205,6 +236,8 @@ def patched(path, tmp_path, marker: bytes, skip: int, fmt: str, value: int):
 
 
 def test_unknown_type_id(tmp_path):
+    """Shown able to fail: _tensor_info without its `if qtype is None` check -> TypeError
+    (attribute name must be string) escapes."""
     path = tmp_path / "ok.gguf"
     write_one(path, "Q8_0", 2 * 34, (2, 32))
     # after the name: n_dims (4 bytes), two dims (8 each), then the type id
@@ -214,6 +247,8 @@ def test_unknown_type_id(tmp_path):
 
 
 def test_bogus_array_length_fails_fast(tmp_path):
+    """Shown able to fail: _Cursor.take without its end-of-file check -> OverflowError
+    escapes from unpacking 2**62 items."""
     path = tmp_path / "ok.gguf"
     write_one(path, "Q8_0", 2 * 34, (2, 32))
     # after the key: value type (4), item type (4), then the item count
@@ -222,6 +257,8 @@ def test_bogus_array_length_fails_fast(tmp_path):
 
 
 def test_write_rejects_bad_input(tmp_path):
+    """Shown able to fail: _tensor_array without its `data.numel() != ...` size check ->
+    RuntimeError (shape '[1, 144]' is invalid for input of size 10), not MalformedFile."""
     path = tmp_path / "w.gguf"
     with pytest.raises(errors.MalformedFile, match="bad.weight"):
         gf.write_gguf(path, {"bad.weight": ("Q4_K", torch.zeros(10, dtype=torch.uint8), (1, 256))})

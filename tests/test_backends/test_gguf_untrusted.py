@@ -8,13 +8,13 @@ under test. How each test was shown able to fail is in its docstring.
 from __future__ import annotations
 
 import struct
-import tracemalloc
 
 import pytest
 
 import gguf  # noqa: F401 (imported here, so that its import is not counted as reading memory)
 from conftest import pack_module
 from harness import gguf_bytes as gb
+from harness.fuzz import NATIVE_SLACK, peaks
 
 gf = pack_module("backends.gguf.file")
 header = pack_module("backends.gguf.header")
@@ -41,12 +41,10 @@ def error_of(path, *needles):
 
 
 def peak_bytes_reading(path):
-    tracemalloc.start()
-    try:
-        contents = gf.read_gguf(path)
-        return contents, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    """(contents, Python peak); the resident memory may grow by the file's size at most."""
+    contents, peak, native = peaks(gf.read_gguf, path)
+    assert native < path.stat().st_size + NATIVE_SLACK, f"RSS grew {native / 2**20:.1f} MiB"
+    return contents, peak
 
 
 def test_the_valid_base_file_reads(tmp_path):
@@ -139,11 +137,9 @@ def test_absurd_dimensions_are_refused_without_allocating(tmp_path, dims, needle
 
 
 def peak_bytes_reading_error(path):
-    tracemalloc.start()
-    try:
-        return error_of(path), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak, native = peaks(error_of, path)
+    assert native < NATIVE_SLACK, f"RSS grew {native / 2**20:.1f} MiB reading a refused file"
+    return got, peak
 
 
 def _with_orig_shape(shape, stored=(64, 8), type_name="Q8_0"):

@@ -1,8 +1,6 @@
 """Decode groups on the GPU: a group of weight-only layers decodes in one launch, and the
 layers compute exactly what they compute decoding alone (same float weights, same matrix
-products). Run on the GPU machine (bash .ci/gpu_matrix.sh). How to see these fail: return
-another member's view in DecodeGroup.weight (the outputs differ), or decode each member in
-its own launch in triton_grouped.decode_group (the launch count test fails)."""
+products). Run on the GPU machine (bash .ci/gpu_matrix.sh)."""
 from __future__ import annotations
 
 import pytest
@@ -67,6 +65,9 @@ def _grouped_block(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_grouped_layers_compute_what_they_compute_alone(fmt):
+    """Shown able to fail (reasoned, GPU only): DecodeGroup.weight returning
+    buf.views[(index + 1) % len(buf.views)] (another member's view) -> shapes or values
+    differ from the layers decoding alone."""
     model, img = _grouped_block(fmt)
     with torch.inference_mode():
         fast.KERNELS.clear()
@@ -88,6 +89,8 @@ def _kernel_launches(fn) -> int:
 
 @pytest.mark.parametrize("fmt", ["torchao:int8wo", "gguf:Q8_0"])
 def test_a_group_decodes_in_one_launch(fmt):
+    """Shown able to fail (reasoned, GPU only): triton_grouped.decode_group launching once per
+    member -> alone - displaced is 0, not 6."""
     model, img = _grouped_block(fmt)
     other = _grouped_block("gguf:Q4_K")[0]
     with torch.inference_mode():
@@ -103,7 +106,9 @@ def test_a_group_decodes_in_one_launch(fmt):
 
 
 def test_a_member_off_the_gpu_sends_the_group_its_own_way():
-    """Partial loading: ComfyUI leaves some layers in RAM and streams them per call."""
+    """Partial loading: ComfyUI leaves some layers in RAM and streams them per call.
+    Shown able to fail (reasoned, GPU only): DecodeGroup._sources not checking each source's
+    device -> the group decodes anyway (triton:group-decode > 0) from a CPU pointer."""
     model, img = _grouped_block("gguf:Q8_0")
     other = _grouped_block("gguf:Q4_K")[0]
     with torch.inference_mode():
@@ -117,6 +122,9 @@ def test_a_member_off_the_gpu_sends_the_group_its_own_way():
 
 
 def test_two_models_share_the_buffer_and_keep_their_own_weights():
+    """Shown able to fail (reasoned, GPU only): DecodeGroup.weight without its owner check ->
+    b gets a's decoded weights from the shared buffer (the CPU twin of this mutation fails
+    test_decode_groups.py's interpreter test)."""
     a, b, img = _block("gguf:Q8_0"), _block("gguf:Q4_K"), _img()
     with torch.inference_mode():
         want_a, want_b = a(img), b(img)  # the watched first pass: each layer alone

@@ -25,7 +25,7 @@ from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save
 
 from conftest import pack_module
-from harness.fuzz import FULL, fuzz_settings, interesting_ints, mutations, python_peak
+from harness.fuzz import FULL, NATIVE_SLACK, fuzz_settings, interesting_ints, mutations, peaks
 
 sf = pack_module("backends.engine.safetensors_file")
 convert = pack_module("backends.gguf.convert")
@@ -55,11 +55,11 @@ def outcome(data: bytes):
     """check_safetensors' verdict, with its memory bound, and the properties that follow."""
     with open(_PATH, "wb") as f:
         f.write(data)
-    verdict, peak = python_peak(_checked, _PATH)
+    verdict, peak, native = peaks(_checked_then_read, _PATH)
     assert peak <= 16 * len(data) + (256 << 10), f"{peak} bytes for a {len(data)}-byte file"
+    assert native <= 16 * len(data) + NATIVE_SLACK, f"RSS grew {native} bytes for a {len(data)}-byte file"
     if verdict is None:
         load_file(_PATH)  # the oracle: safetensors reads whatever the check let through
-        convert.read_checkpoint(_PATH)
         return None
     assert _PATH in str(verdict), verdict
     with pytest.raises(errors.MalformedFile):
@@ -67,6 +67,14 @@ def outcome(data: bytes):
     if "appears twice" not in str(verdict):  # the one rule stricter than safetensors' own
         with pytest.raises(Exception):
             load_file(_PATH)
+    return verdict
+
+
+def _checked_then_read(path):
+    """_checked's verdict; a file it lets through is also read the way the pack reads it."""
+    verdict = _checked(path)
+    if verdict is None:
+        convert.read_checkpoint(path)
     return verdict
 
 

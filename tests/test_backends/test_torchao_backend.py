@@ -5,13 +5,21 @@ import pytest
 import torch
 
 from conftest import pack_module
+from harness.draws import gaussian
+from harness.formats import activation_error, weight_error_band
 from harness.tiny_models import heavy_tailed
 
 registry = pack_module("backends.engine.registry")
 base = pack_module("backends.engine.base")
 
 
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def test_int8_values_equal_torchaos_affine_quantization():
+    """Shown able to fail: / 127.0 -> / 126.0 in torchao.py's _quantize_int8 -> the scales
+    differ from choose_qparams_affine's (allclose fails)."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
     adapter, spec = registry.get_format("torchao:int8wo")
     w = heavy_tailed((256, 512), 5)
@@ -27,23 +35,40 @@ def test_int8_values_equal_torchaos_affine_quantization():
 
 @pytest.mark.parametrize("name", ["fp8dq", "int4wo"])
 def test_cuda_only_formats_say_so_on_cpu(name):
+    """Shown able to fail: needs_cuda=True dropped from torchao.py's fp8dq entry ->
+    hardware_problem returns None on the CPU (TypeError: argument of type 'NoneType')."""
     spec = registry.get_format(f"torchao:{name}")[1]
     assert "NVIDIA GPU" in base.hardware_problem(spec, torch.device("cpu"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,bound", [("fp8dq", 0.08), ("int4wo", 0.3), ("int8dq", 0.06), ("int8wo", 0.05)])
-def test_cuda_formats_linear(name, bound):
+@pytest.mark.parametrize("name", ["fp8dq", "int4wo", "int8dq", "int8wo"])
+def test_cuda_formats_linear(name):
+    """Round trip and product on the GPU inside the format's band (harness/formats.py), for
+    Gaussian and heavy-tailed weights, against the float weights.
+    Shown able to fail (run on an H200): "scale": scale * 1.03 in torchao.py's _quantize_int8
+    -> int8wo and int8dq Gaussian weight 0.031 > 0.0125 (the old bounds 0.05/0.06 passed it);
+    "scale": scale * 1.05 for fp8 -> 0.057 > 0.036 (old 0.08 passed it); int4 scales in
+    scales_and_zeros * 1.15 -> 0.194 > 0.168; quantizing int4wo with 3 bits -> 2.99."""
     if not torch.cuda.is_available():
         pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_tests)")
     adapter, spec = registry.get_format(f"torchao:{name}")
-    w = heavy_tailed((1024, 2048), 9).cuda()
-    parts = adapter.quantize(w, spec)
-    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
-    ref = (x.float() @ w.t())
-    y = adapter.linear(x, parts, spec, w.shape, None).float()
-    err = ((y - ref).norm() / ref.norm()).item()
-    print(f"torchao:{name} CUDA linear error {err:.4f}")
-    assert err < bound
-    back = adapter.dequantize(parts, spec, w.shape, torch.float32)
-    assert ((back - w).norm() / w.norm()).item() < bound
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16,
+                    generator=torch.Generator("cuda").manual_seed(0))
+    for heavy, w in ((False, gaussian((1024, 2048), seed=9)), (True, heavy_tailed((1024, 2048), 9))):
+        w = w.cuda()
+        low, high = weight_error_band(spec.id, spec.bits_per_weight, heavy)
+        if heavy and name.startswith("int8"):
+            # a row's absmax of Student-t(3) values grows as width^(1/3): the heavy band holds
+            # for rows up to 1024 wide (test_contract), these are 2048 wide
+            high *= (2048 / 1024) ** (1 / 3)
+        parts = adapter.quantize(w, spec)
+        back_err = rel(adapter.dequantize(parts, spec, w.shape, torch.float32), w)
+        err = rel(adapter.linear(x, parts, spec, w.shape, None), x.double() @ w.double().t())
+        # random inputs carry the weight error into the output about one to one (margins
+        # x 0.8 below, x 1.25 above), plus the 8-bit activations and the bf16 output (2^-8)
+        top = 1.25 * high + activation_error(spec.id) + 2 ** -8
+        print(f"torchao:{name} {'heavy' if heavy else 'gaussian'}: weight {back_err:.4f} (band "
+              f"{low:.4f}-{high:.4f}), linear {err:.4f} (band {0.8 * low:.4f}-{top:.4f})")
+        assert low <= back_err <= high
+        assert 0.8 * low <= err <= top

@@ -151,3 +151,21 @@ def test_no_quantkit_node_changes_what_it_is_given(comfy, tiny, base_dir):
         shutil.rmtree(base_dir / "models" / "text_encoders" / "every_node", ignore_errors=True)
     assert torch.equal(denoise(model, inputs), reference), "the upstream MODEL still runs as before"
     assert torch.equal(encode(clip, PROMPTS[0])[0], clip_ref[0]), "the upstream CLIP still encodes as before"
+
+
+def test_the_digest_sees_what_a_patcher_adds_on_top_of_its_tensors(comfy, tiny):
+    """A node could change the upstream MODEL without touching a tensor: a LoRA patch added
+    to its patcher, a model_options entry, an object patch. Each changes the digest.
+    Shown able to fail: with PATCHER_STATE in tests/harness/state_hash.py emptied, the
+    three digests equal the untouched one (first assert)."""
+    patcher, _, _, digest = tiny
+    key = next(k for k in patcher.model.state_dict() if k.endswith(".weight") and "diffusion_model" in k)
+    with_patch = patcher.clone()
+    with_patch.add_patches({key: (torch.zeros_like(patcher.model.state_dict()[key]),)}, 0.5)
+    with_option = patcher.clone()
+    with_option.model_options["transformer_options"]["quantkit_test"] = 1
+    with_object = patcher.clone()
+    with_object.add_object_patch("diffusion_model.final_layer", torch.nn.Identity())
+    digests = {state_digest(p) for p in (with_patch, with_option, with_object)}
+    assert digest not in digests and len(digests) == 3
+    assert state_digest(patcher.clone()) == digest, "a plain clone holds the same state"

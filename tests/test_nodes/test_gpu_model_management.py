@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import pack_module
-from harness.noise_reference import assert_in_band, lora_effect_bound, noise_floor_error, quantized_layer_names
+from harness.noise_reference import (assert_in_band, lora_effect_bound, noise_floor_error, quantized_layer_names,
+                                     recipe_checked_layers)
 from harness.tiny_models import sample_eager_and_compiled, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
 
 pytestmark = pytest.mark.gpu
@@ -80,14 +81,17 @@ def quantize(comfy, model, fmt, quantize_on="auto"):
 @pytest.mark.parametrize("fmt", gpu_formats())
 def test_format_on_gpu_loads_moves_and_matches(comfy, upstream_gaussian, fmt):
     """The output error lies in the band around the float noise reference of the same
-    layers, as on the CPU. How to see it fail: give a format the bits_per_weight of another
-    (its floor moves by 2x a bit), or quantize with Q2_K while reporting Q4_K."""
+    layers, as on the CPU. Shown able to fail (reasoned, GPU only): a format given the
+    bits_per_weight of another (its floor moves by 2x a bit), or Q2_K payloads reported as
+    Q4_K (shown on the CPU by test_output_band_fails_a_format_that_is_not_what_it_claims)."""
     import comfy.model_management as mm
     patcher, inputs, reference = upstream_gaussian
     quantized = quantize(comfy, patcher, fmt)
     out = run(quantized, inputs)
     err = rel(out, reference)
-    floor = floor_on_gpu(quantized_layer_names(quantized.model), inputs, reference)
+    layers = recipe_checked_layers(quantized.model, patcher.model.diffusion_model, fmt, "sd3",
+                                   prefix="diffusion_model.")
+    floor = floor_on_gpu(layers, inputs, reference)
     print(f"{fmt} on {torch.cuda.get_device_name()}: relative output error {err:.5f}, "
           f"float noise floor {floor:.5f}, ratio {err / floor:.2f}")
     assert torch.isfinite(out).all()
@@ -101,6 +105,10 @@ def test_format_on_gpu_loads_moves_and_matches(comfy, upstream_gaussian, fmt):
 
 
 def test_quantize_on_gpu_equals_quantize_on_cpu(comfy, upstream):
+    """Shown able to fail (reasoned, GPU only): any device-dependent step in quantize_tree
+    (backends/engine/quantize.py), e.g. the work-device copy of a weight taken in bf16,
+    changes Q8_0's bytes; two different Q8_0 roundings differ by about Q8_0's output noise
+    (several 1e-3 relative), above 1e-3."""
     patcher, inputs, _ = upstream
     on_gpu = run(quantize(comfy, patcher, "gguf:Q8_0", "gpu"), inputs)
     on_cpu = run(quantize(comfy, patcher, "gguf:Q8_0", "cpu"), inputs)
@@ -108,6 +116,10 @@ def test_quantize_on_gpu_equals_quantize_on_cpu(comfy, upstream):
 
 
 def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
+    """Shown able to fail (reasoned, GPU only): QuantizedLayer.forward
+    (backends/engine/modules.py) not moving its RAM-held parts to the input's device ->
+    the partial forward raises a device mismatch; without the comfy_cast_weights marker of
+    nodes/comfy_layers.py every layer is loaded and `on_gpu < len(...)` fails."""
     import comfy.model_management as mm
     patcher, inputs, _ = upstream
     quantized = quantize(comfy, patcher, "torchao:int8wo")
@@ -130,6 +142,10 @@ def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
 
 
 def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
+    """Shown able to fail (reasoned, GPU only): a layer forward that torch.compile cannot
+    trace (e.g. `.item()` on int8wo's scale in backends/adapters/torchao.py under
+    fullgraph) raises; a decode-group cache (backends/kernels/decode_groups.py) serving
+    stale weights to the compiled graph puts it beyond 2e-2 of eager."""
     patcher, inputs, _ = upstream
     quantized = quantize(comfy, patcher, "torchao:int8wo")
     eager, compiled, _ = sample_eager_and_compiled(comfy, quantized, inputs, steps=3)
@@ -139,7 +155,10 @@ def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
 
 def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
     """ComfyUI may create a >1 GB text encoder directly on a roomy GPU; quantizing it must not
-    leave a second full copy there, and encoding with the copy loads only the copy."""
+    leave a second full copy there, and encoding with the copy loads only the copy.
+    Shown able to fail (reasoned, GPU only): clone_tree (backends/engine/clone.py) moving
+    every float weight to the work device before quantizing -> a full 1.6 GB second copy on
+    the GPU: peak > ours + 0.5 GiB."""
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
@@ -169,7 +188,8 @@ def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
 def test_the_source_leaves_the_gpu_when_its_copy_is_made(comfy, upstream, node_id):
     """A source ComfyUI holds loaded on the GPU (text encoders are created there on a roomy
     card) is unloaded once its quantized copy exists, and still gives the same output when
-    used again. How to see it fail: drop the release_from_gpu call in quantize_patcher."""
+    used again. Shown able to fail (reasoned, GPU only): without the release_from_gpu call
+    in nodes/clone_and_quantize.quantize_patcher the source stays loaded (`not loaded()`)."""
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
@@ -204,6 +224,10 @@ def test_the_source_leaves_the_gpu_when_its_copy_is_made(comfy, upstream, node_i
 
 @pytest.mark.parametrize("fmt", ["torchao:fp8dq", "torchao:int4wo"])
 def test_cuda_only_formats_on_text_encoders(comfy, fmt):
+    """Shown able to fail (reasoned, GPU only): int4wo's group scales applied to the wrong
+    groups, or fp8dq dropping its activation scale (backends/adapters/torchao.py) -> the
+    cosine falls below 0.9 / 0.99; the cosine floors are loose (0.9 for 4 bits), a format
+    slightly worse than it claims would pass."""
     import torch.nn.functional as F
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
@@ -229,7 +253,10 @@ def test_lora_after_quantize_on_gpu_acts_as_on_the_unquantized_model(comfy, upst
     """Under Dynamic VRAM the unquantized model gets its LoRA through ComfyUI's dynamic
     loader; the quantized one through its own patcher. Both must show the same effect:
     the output with the LoRA in the band around the float noise reference with the LoRA,
-    and the effect off by at most both bands."""
+    and the effect off by at most both bands.
+    Shown able to fail (reasoned, GPU only): QuantModelPatcher.patch_weight_to_device not
+    installing its OnTheFlyPatch (shown on the CPU by test_lora_applies_to_a_loaded_gguf_model)
+    -> the LoRA has no effect: effect error 1.0 above the bound."""
     patcher, inputs, reference = upstream_gaussian
     lora, _ = tiny_lora(patcher, heavy=False)
     ref_lora = run(with_lora(patcher, lora), inputs)
@@ -250,7 +277,10 @@ def test_lora_after_quantize_on_gpu_acts_as_on_the_unquantized_model(comfy, upst
 
 def test_upstream_clip_still_works_after_quantize_text_encoder_on_gpu(comfy):
     """ComfyUI 0.33 with Dynamic VRAM once freed pinned buffers twice (the server aborted)
-    when the original CLIP was loaded after Quantize Text Encoder had copied it."""
+    when the original CLIP was loaded after Quantize Text Encoder had copied it.
+    Shown able to fail (reasoned, GPU only, ComfyUI 0.33 with Dynamic VRAM): clone_tree
+    without the is_loader_state drop (shown on the CPU by test_copy_shares_...) -> the copy
+    frees the source's pins: the process aborts or `again` differs from `ref`."""
     import gc
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
@@ -275,7 +305,11 @@ def test_upstream_clip_still_works_after_quantize_text_encoder_on_gpu(comfy):
 
 def test_memory_report_gpu_figures(comfy, upstream):
     """The quantized model's bytes on the GPU as ComfyUI loaded them; under Dynamic VRAM the
-    unquantized model's staged bytes come from ComfyUI, not from tensor devices."""
+    unquantized model's staged bytes come from ComfyUI, not from tensor devices.
+    Shown able to fail (reasoned, GPU only): TreeCensus.gpu_bytes
+    (backends/engine/storage_census.py) matching whole device strings against "cuda" ->
+    "cuda:0" bytes are missed: 0, not about model_size(); collect_components
+    (nodes/memory_census.py) not matching current_loaded_models -> loaded_on is None."""
     import comfy.model_management as mm
     census = pack_module("nodes.memory_census")
     patcher, inputs, _ = upstream
@@ -300,7 +334,9 @@ def test_memory_report_gpu_figures(comfy, upstream):
 def test_comfyui_runs_in_the_mode_under_test(comfy, upstream):
     """The matrix means something only if Dynamic VRAM is really on where it should be:
     ComfyUI's own loader gives the unquantized model a dynamic patcher then, and the
-    quantized copy keeps the classic one."""
+    quantized copy keeps the classic one.
+    Shown able to fail (reasoned, GPU only): new_quantized_patcher (nodes/comfy_patcher.py)
+    building on the source's class (ModelPatcherDynamic on 0.33) -> the last assertion."""
     from harness.comfy_inprocess import dynamic_vram_wanted
     patcher = upstream[0]
     expected = dynamic_vram_wanted()
@@ -312,7 +348,9 @@ def test_comfyui_runs_in_the_mode_under_test(comfy, upstream):
 def test_model_run_in_another_dtype_than_stored(comfy):
     """--bf16-unet on an fp16 file: under Dynamic VRAM core keeps fp16 tensors and casts
     them per call; the quantized copy must hold its kept layers in bf16 (this once failed
-    with 'mat1 and mat2 must have the same dtype')."""
+    with 'mat1 and mat2 must have the same dtype').
+    Shown able to fail (reasoned, GPU only): without settle_stored_dtypes in quantize_patcher
+    (nodes/clone_and_quantize.py) the kept layers stay fp16 (float16 in `kept`)."""
     from comfy.sd import load_diffusion_model_state_dict
     from harness.tiny_models import tiny_sd3_state_dict
     _cuda()

@@ -37,6 +37,8 @@ def load(comfy, name):
 
 
 def test_loaded_model_equals_in_memory_quantization(comfy, gguf_file):
+    """Shown able to fail: swap_in_quantized in nodes/load_gguf.py skipping the first lazy
+    layer (`lazy_layers(root)[1:]`) -> context_embedder is missing from the loaded layers."""
     path, quantized = gguf_file
     model, text = load(comfy, path.name)
     assert "quantized" in text
@@ -56,6 +58,8 @@ def test_loaded_model_equals_in_memory_quantization(comfy, gguf_file):
 
 
 def test_lora_applies_to_a_loaded_gguf_model(comfy, gguf_file):
+    """Shown able to fail: QuantModelPatcher.patch_weight_to_device (nodes/comfy_patcher.py)
+    not installing its OnTheFlyPatch -> the LoRA changes nothing (0.0 > 0.01 fails)."""
     from comfy.sd import load_lora_for_models
     model, _ = load(comfy, gguf_file[0].name)
     key = "diffusion_model.joint_blocks.1.x_block.mlp.fc1"
@@ -73,22 +77,34 @@ def test_lora_applies_to_a_loaded_gguf_model(comfy, gguf_file):
 @pytest.mark.parametrize("content,match", [
     (b"", "empty|too short|not a GGUF|truncated"),
     (b"NOTGGUF" + bytes(200), "not a GGUF|magic"),
-    (None, "truncated|corrupt|past the end|ends"),
-], ids=["empty", "bad-magic", "truncated"])
+    (5000, "truncated|corrupt|past the end|ends"),
+    (-100, "truncated|past the end"),
+], ids=["empty", "bad-magic", "truncated-header", "truncated-data"])
 def test_malformed_files_are_clear_errors(comfy, base_dir, gguf_file, content, match):
+    """An int: the first `content` bytes of a good file (5000: cut inside its header; -100:
+    the last tensor's data cut short). Shown able to fail: without the `size < 24` check in
+    backends/gguf/file._open the empty file raises ValueError (cannot mmap an empty file);
+    without the bounds check in header._Cursor.take the header cut raises a struct error;
+    without the `end > size` check in header._check_extents the data cut gives a RuntimeError
+    (shape '[512]' is invalid for input of size 479)."""
     folder = base_dir / "models" / "diffusion_models"
-    bad = folder / f"bad_{len(content) if content is not None else 'trunc'}.gguf"
-    bad.write_bytes(content if content is not None else gguf_file[0].read_bytes()[:5000])
+    data = content if isinstance(content, bytes) else gguf_file[0].read_bytes()[:content]
+    bad = folder / f"bad_{len(data)}.gguf"
+    bad.write_bytes(data)
     with pytest.raises(errors.MalformedFile, match=f"(?i){match}"):
         load(comfy, bad.name)
 
 
 def test_loaded_model_uses_the_classic_patcher(comfy, gguf_file):
     """Load GGUF builds its model outside Dynamic VRAM (0.33 would otherwise rebuild it
-    from the file's float placeholders for TorchCompileModel), with a fresh patcher."""
+    from the file's float placeholders for TorchCompileModel), with a fresh patcher.
+    Shown able to fail: load_gguf_model returning the loader's own patcher instead of
+    new_quantized_patcher(...) -> not a QuantModelPatcher. (The Dynamic VRAM checks can fail
+    only on ComfyUI 0.33 with a GPU: drop classic_patcher_kwargs there, reasoned.)"""
     from comfy.model_patcher import ModelPatcher
     model, _ = load(comfy, gguf_file[0].name)
     assert isinstance(model, ModelPatcher)
+    assert isinstance(model, pack_module("nodes.comfy_patcher").QuantModelPatcher), "a fresh patcher of ours"
     assert not getattr(model, "is_dynamic", lambda: False)()
     assert not hasattr(model.model, "dynamic_pins")
     clone = model.clone(**({"disable_dynamic": True} if "disable_dynamic" in
@@ -98,6 +114,9 @@ def test_loaded_model_uses_the_classic_patcher(comfy, gguf_file):
 
 @pytest.mark.gpu
 def test_torch_compile_model_on_a_loaded_gguf_model(comfy, gguf_file):
+    """Shown able to fail (reasoned, GPU only): load_gguf_model without
+    classic_patcher_kwargs on ComfyUI 0.33 gives a Dynamic VRAM patcher that TorchCompileModel
+    rebuilds from the file's meta placeholders: no QuantizedLayer in the compiled model."""
     import comfy.model_management as mm
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")

@@ -47,6 +47,8 @@ def cosine(a, b):
 
 
 def test_clip_l_gguf_with_clip_g_safetensors_for_sdxl(comfy, te_folder):
+    """Shown able to fail: load_gguf_clip in nodes/load_gguf_clip.py reading only the first
+    file (`paths[:1]`) -> no CLIP-G: the conditioning is [1, 77, 768], not [1, 77, 2048]."""
     import shutil
     quantized = lambda key, t: ".mlp." in key or "self_attn" in key  # noqa: E731
     source = lambda: safetensors_items(te_path("qk_clip_l.safetensors"))  # noqa: E731
@@ -72,7 +74,12 @@ def test_clip_l_gguf_with_clip_g_safetensors_for_sdxl(comfy, te_folder):
 @pytest.mark.both_versions
 def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
     """The 4.7 B-parameter stand-in T5 as a Q8_0 file with llama.cpp's tensor names
-    (token embedding quantized too, as llama.cpp writes it)."""
+    (token embedding quantized too, as llama.cpp writes it).
+    Shown able to fail (reasoned, slow test): "ffn_gate" and "ffn_up" swapped in
+    backends/gguf/names.T5_BLOCK -> wi_0 holds ffn_up's bytes (the torch.equal against
+    gguf-py's decoding of ffn_gate fails); with EMBEDDING_NAMES matching nothing, the
+    Q8_0 token embedding reaches T5's nn.Embedding as a meta placeholder, not decoded
+    values, and loading or encoding fails."""
     source = lambda: ((llama_cpp_t5_name(k), t)  # noqa: E731
                       for k, t in safetensors_items(te_path("qk_t5xxl_fp8.safetensors")))
     picked = write_file(te_folder / "t5_llama_q8.gguf", source, "t5encoder", lambda key, t: True,
@@ -105,7 +112,10 @@ def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
 @pytest.mark.slow
 def test_sd3_triple_with_t5_in_comfyui_names(comfy, te_folder):
     """CLIP-L, CLIP-G and T5-XXL .gguf files in ComfyUI's names (as ComfyUI-GGUF's
-    converter writes them), combined for SD3."""
+    converter writes them), combined for SD3.
+    Shown able to fail (reasoned, slow test): load_gguf_clip reading only the first two
+    files -> no t5xxl encoder (the getattr check fails) and the conditioning is 2048 wide,
+    not 4096; a wrong-layer swap in swap_in_quantized breaks the torch.equal on wo."""
     big = lambda key, t: t.numel() >= 1 << 20  # noqa: E731
     for name, source in (("l", "qk_clip_l.safetensors"), ("g", "qk_clip_g.safetensors")):
         write_file(te_folder / f"sd3_clip_{name}.gguf", lambda s=source: safetensors_items(te_path(s)), "clip", big)

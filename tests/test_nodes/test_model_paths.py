@@ -106,13 +106,15 @@ def test_a_symlink_inside_the_folders_still_loads(comfy, folders, loader):
     assert "model folders" not in str(info.value), info.value
 
 
+@pytest.mark.parametrize("kind", ["diffusion_models", "text_encoders"])
 @pytest.mark.parametrize("name", ["qk_link_out", "qk_dir_out/new"])
-def test_save_refuses_symlinks_leading_outside(comfy, folders, outside, name):
-    """Save Quantized Model's target: a symlinked file or folder leading outside is refused
-    and the outside file is untouched, even with overwrite on. Shown able to fail: with
-    os.path.abspath instead of os.path.realpath in output_path, both names were accepted."""
+def test_save_refuses_symlinks_leading_outside(comfy, folders, outside, name, kind):
+    """Save Quantized Model's targets (the model in diffusion_models, each text encoder in
+    text_encoders): a symlinked file or folder leading outside is refused and the outside
+    file is untouched, even with overwrite on. Shown able to fail: with os.path.abspath
+    instead of os.path.realpath in output_path, both names were accepted in both folders."""
     before = (outside / "secret.gguf").read_bytes()
     with pytest.raises(errors.QuantKitError, match="leads outside"):
-        pack_module("nodes.save_quantized_model").output_path(name, overwrite=True)
+        pack_module("nodes.save_quantized_model").output_path(name, overwrite=True, kind=kind)
     assert (outside / "secret.gguf").read_bytes() == before
     assert not (outside / "new.gguf").exists()

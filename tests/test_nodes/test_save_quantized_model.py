@@ -4,8 +4,8 @@ not write, through real ComfyUI.
 Expected values come from outside the code under test: gguf-py's writer and quantizers build
 the independent file and gguf-py's dequantize decodes its bytes; the round trips compare the
 bytes Quantize Model made with the bytes read back. How to see these fail: in
-gguf_export.gguf_tensors drop the quantized layers' biases (the round trips go red), or
-drop the orig_shape handling in gguf_file.read_gguf (the independent file's convolution
+backends/gguf/export.gguf_tensors drop the quantized layers' biases (the round trips go red), or
+drop the orig_shape handling in backends/gguf/file.read_gguf (the independent file's convolution
 fails to load).
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ def folder(base_dir):
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_quantize_save_load_gives_the_same_bytes(comfy, source, folder, qtype):
+    """Shown able to fail: backends/gguf/export.gguf_tensors not writing the quantized
+    layers' biases -> the loaded state dict lacks them (set(got) == set(want) fails)."""
     quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
         source, f"gguf:{qtype}", "auto")["result"][0]
     text = save(comfy, quantized, f"roundtrip/{qtype}")["ui"]["text"][0]
@@ -114,6 +116,8 @@ def _independent_file(path, sd, types=("Q8_0", "Q4_0", "Q5_1")):
 
 
 def test_a_file_written_by_gguf_py_loads_as_gguf_py_decodes_it(comfy, folder):
+    """Shown able to fail: backends/gguf/file.read_gguf ignoring comfy.gguf.orig_shape.*
+    -> the convolution keeps its 2-D stored shape and the load fails (IndexError)."""
     sd = tiny_sd3_state_dict(seed=11)
     expected = _independent_file(folder / "independent.gguf", sd)
     assert any(len(shape) > 2 for _, _, shape in expected.values()), "a convolution is covered"
@@ -130,6 +134,8 @@ def test_a_file_written_by_gguf_py_loads_as_gguf_py_decodes_it(comfy, folder):
 
 
 def test_a_float_file_reports_what_it_holds(comfy, folder):
+    """Shown able to fail: swap_in_quantized (nodes/load_gguf.py) not recording the kept
+    float layers -> the report says "0 kept"."""
     sd = tiny_sd3_state_dict(seed=12)
     writer = gguf.GGUFWriter(str(folder / "all_f16.gguf"), "sd3")
     for key, tensor in sorted(sd.items()):
@@ -144,6 +150,8 @@ def test_a_float_file_reports_what_it_holds(comfy, folder):
 
 
 def test_save_refuses_names_outside_the_folder_and_existing_files(comfy, source, folder):
+    """Shown able to fail: output_path in nodes/save_quantized_model.py without its
+    `os.path.exists(path) and not overwrite` check -> the second save: DID NOT RAISE."""
     quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
         source, "gguf:Q8_0", "auto")["result"][0]
     for bad in ("../escape", "/tmp/absolute", "a/../../escape", "C:/x", ""):
@@ -159,6 +167,9 @@ def test_save_refuses_names_outside_the_folder_and_existing_files(comfy, source,
 
 
 def test_save_refuses_models_a_gguf_file_cannot_hold(comfy, source):
+    """Shown able to fail: gguf_tensors (backends/gguf/export.py) without its
+    `spec.backend != "gguf"` check -> the writer's "Cannot write tensor ... as 'int8wo'"
+    comes instead and the regex "only gguf" does not match."""
     with pytest.raises(errors.FormatUnsupported, match="no GGUF-quantized layer"):
         save(comfy, source, "plain")
     torchao = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
@@ -168,6 +179,8 @@ def test_save_refuses_models_a_gguf_file_cannot_hold(comfy, source):
 
 
 def test_converter_writes_what_quantize_model_makes(comfy, source, folder, tmp_path):
+    """Shown able to fail: backends/gguf/convert.convert without its existing-file check
+    -> the second run exits 0, not 2."""
     from safetensors.torch import save_file
     sd = _with_biases(tiny_sd3_state_dict())  # the weights `source` holds
     ckpt = tmp_path / "checkpoint.safetensors"
@@ -190,7 +203,10 @@ def test_converter_writes_what_quantize_model_makes(comfy, source, folder, tmp_p
     assert "first_stage_model.x" not in converted.model.diffusion_model.state_dict()
 
 
-def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
+def test_converter_rejects_a_file_that_is_not_safetensors(comfy, tmp_path):
+    """`comfy`: the module's unload fixture needs ComfyUI started, also when this test runs
+    alone. Shown able to fail: convert.main catching ValueError instead of QuantKitError
+    -> a traceback and exit status 1, not 2."""
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x80\x04not a safetensors file")
     done = subprocess.run([sys.executable, "-m", "backends.gguf.convert", str(bad), str(tmp_path / "o.gguf"),
@@ -201,7 +217,9 @@ def test_converter_rejects_a_file_that_is_not_safetensors(tmp_path):
 
 def test_iq4_xs_layers_of_a_file_load_and_run(comfy, folder):
     """IQ4_XS has no quantizer in QuantKit (gguf-py has none either): random blocks with
-    finite scales stand in for a file made by llama.cpp's tools."""
+    finite scales stand in for a file made by llama.cpp's tools.
+    Shown able to fail: one entry of IQ4_LEVELS in backends/gguf/dequant.py changed (1 -> 0)
+    -> the decoded weights differ from gguf-py's (torch.equal fails)."""
     sd = tiny_sd3_state_dict(seed=13)
     iq4 = gguf.GGMLQuantizationType.IQ4_XS
     writer = gguf.GGUFWriter(str(folder / "iq4_xs.gguf"), "sd3")
@@ -231,6 +249,9 @@ def test_iq4_xs_layers_of_a_file_load_and_run(comfy, folder):
 
 
 def test_quantize_model_refuses_a_read_only_type(comfy, source):
+    """Shown able to fail: quantize_tree (backends/engine/quantize.py) without its
+    `spec.read_only` check -> the quantizer's "Cannot quantize to GGML type" message comes
+    instead and the regex "cannot produce it" does not match."""
     node = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]
     assert "gguf:IQ4_XS" not in node.INPUT_TYPES()["required"]["format"][0]
     with pytest.raises(errors.QuantKitError, match="cannot produce it"):
@@ -244,7 +265,11 @@ NATIVE = {"comfy fp8 (float8_e4m3fn)": "float8_e4m3fn", "comfy int8 (int8_tensor
 def test_native_checkpoint_loads_in_stock_comfyui(comfy, source, folder, choice):
     """Saved in ComfyUI's own per-layer layout, the file loads through core's plain loader
     (no QuantKit class involved) into core's quantized tensors, and computes what the float
-    model made from the file's own weight * weight_scale computes."""
+    model made from the file's own weight * weight_scale computes.
+    Shown able to fail: native_checkpoints_supported in nodes/save_quantized_model.py
+    returning True on ComfyUI 0.3.75 -> DID NOT RAISE FormatUnsupported. On 0.8+ (reasoned,
+    not run here): native_state_dict writing the scale's reciprocal -> the stock model's
+    output is far from the float model's (> 2e-2)."""
     import comfy.sd as comfy_sd
     import comfy.utils as comfy_utils
     from safetensors.torch import load_file
@@ -280,6 +305,8 @@ def test_native_checkpoint_loads_in_stock_comfyui(comfy, source, folder, choice)
 
 
 def test_clip_saved_beside_the_model_loads_back_with_load_gguf_clip(comfy, source, folder, base_dir):
+    """Shown able to fail: SaveQuantizedModel.save checking the encoders' files with
+    overwrite=True -> the last save: DID NOT RAISE (the existing encoder file is replaced)."""
     from harness.standin_clips import encode, load_family_clip
     quantized = comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]().quantize(
         source, "gguf:Q8_0", "auto")["result"][0]
