@@ -6,8 +6,6 @@ current ComfyUI computes them with comfy-kitchen's kernels). Core's checkpoints 
 the same Linear layers as the model's QuantKit recipe, one scale per tensor."""
 from __future__ import annotations
 
-import functools
-
 import re
 
 import torch
@@ -47,12 +45,13 @@ def build(env, spec, sd: dict, fmt: str):
         options = {"dtype": dtype}
     else:
         source, options = native_state_dict(env, spec, sd, layout), {}
-    load = functools.partial(env.sd.load_diffusion_model_state_dict, model_options=options)
-    patcher = load(source)
+    def load(**kw):  # ComfyUI's loader takes keys out of the dict it is given
+        return env.sd.load_diffusion_model_state_dict(dict(source), model_options=options, **kw)
+    patcher = load()
     if patcher is None and layout is not None:
         raise RuntimeError(f"ComfyUI's loader did not recognise the {spec.label} state dict")
     if patcher is not None and getattr(patcher, "cached_patcher_init", False) is None:
         # ComfyUI 0.33's file loaders record how to load the model again; TorchCompileModel
         # needs it to make a non-dynamic copy (clone(disable_dynamic=True)), as a user's has
-        patcher.cached_patcher_init = (load, (source,))
+        patcher.cached_patcher_init = (load, ())
     return patcher  # None: a reduced-size model (CPU smoke), which ComfyUI's detection refuses

@@ -119,7 +119,7 @@ else:
 def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
     """torchao, bitsandbytes and optimum-quanto are optional (pyproject extras): without
     them the nodes register, GGUF formats work and their formats say what to install.
-    Able to fail: an unguarded top-level `import torchao` in the pack breaks the load."""
+    Shown able to fail: an unguarded top-level `import torchao` in the pack breaks the load."""
     import os
     import subprocess
     import sys
