@@ -9,22 +9,17 @@ import hashlib
 import torch
 
 
-def _state_dict(obj) -> dict:
-    """A module's state dict; a ComfyUI MODEL (patcher) or CLIP is taken by its model."""
+def _module_and_patcher(obj):
+    """(module or state dict, its ComfyUI patcher or None) for a module, patcher, CLIP or
+    state dict."""
     if hasattr(obj, "cond_stage_model"):  # CLIP
-        obj = obj.cond_stage_model
-    elif hasattr(obj, "model") and hasattr(obj, "model_size"):  # ModelPatcher
-        obj = obj.model
-    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+        return obj.cond_stage_model, getattr(obj, "patcher", None)
+    if hasattr(obj, "model") and hasattr(obj, "model_size"):  # ModelPatcher
+        return obj.model, obj
+    return obj, None
 
 
 PATCHER_STATE = ("patches", "object_patches", "weight_wrapper_patches", "model_options")
-
-
-def _patcher(obj):
-    if hasattr(obj, "cond_stage_model"):
-        return getattr(obj, "patcher", None)
-    return obj if hasattr(obj, "model") and hasattr(obj, "model_size") else None
 
 
 def _feed(h, value) -> None:
@@ -62,10 +57,11 @@ def state_digest(obj) -> str:
     """sha256 over all tensors of a module, patcher, CLIP or state dict, in key order, and a
     patcher's PATCHER_STATE."""
     h = hashlib.sha256()
-    for key, t in sorted(_state_dict(obj).items()):
+    module, patcher = _module_and_patcher(obj)
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    for key, t in sorted(state.items()):
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(tensor_bytes(t))
-    patcher = _patcher(obj)
     for name in PATCHER_STATE if patcher is not None else ():
         h.update(name.encode())
         _feed(h, getattr(patcher, name, None))

@@ -5,16 +5,12 @@ import pytest
 import torch
 
 from conftest import pack_module
-from harness.draws import gaussian
+from harness.draws import gaussian, rel_err
 from harness.formats import activation_error, weight_error_band
 from harness.tiny_models import heavy_tailed
 
 registry = pack_module("backends.engine.registry")
 base = pack_module("backends.engine.base")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_int8_values_equal_torchaos_affine_quantization():
@@ -63,8 +59,8 @@ def test_cuda_formats_linear(name):
             # for rows up to 1024 wide (test_contract), these are 2048 wide
             high *= (2048 / 1024) ** (1 / 3)
         parts = adapter.quantize(w, spec)
-        back_err = rel(adapter.dequantize(parts, spec, w.shape, torch.float32), w)
-        err = rel(adapter.linear(x, parts, spec, w.shape, None), x.double() @ w.double().t())
+        back_err = rel_err(adapter.dequantize(parts, spec, w.shape, torch.float32), w)
+        err = rel_err(adapter.linear(x, parts, spec, w.shape, None), x.double() @ w.double().t())
         # random inputs carry the weight error into the output about one to one (margins
         # x 0.8 below, x 1.25 above), plus the 8-bit activations and the bf16 output (2^-8)
         top = 1.25 * high + activation_error(spec.id) + 2 ** -8
