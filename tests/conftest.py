@@ -28,6 +28,11 @@ def pack_module(sub: str):
     return importlib.import_module(f"{PACK}.{sub}")
 
 
+def pytest_configure(config):
+    from harness.suite_memory import SuiteMemoryPlugin
+    config.pluginmanager.register(SuiteMemoryPlugin(), "quantkit-suite-memory")
+
+
 def pytest_report_header(config):
     from harness.locations import comfyui_version
     mode = os.environ.get("QUANTKIT_TEST_DEVICE", "cpu")
