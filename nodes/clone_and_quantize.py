@@ -15,7 +15,7 @@ from ..backends.engine.quantize import QUANTIZABLE, quantize_tree
 from ..backends.engine.recipes import get_recipe
 from .comfy_layers import LAYER_CLASSES
 from .comfy_patcher import (is_loader_state, new_quantized_patcher, reset_loader_state_defaults,
-                            settle_stored_dtypes)
+                            set_reload_recipe, settle_stored_dtypes)
 
 QUANTIZE_ON = ["auto", "cpu", "gpu"]
 
@@ -81,7 +81,24 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
     release_from_gpu(source)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return new_quantized_patcher(source, new_root, baked), reports
+    patcher = new_quantized_patcher(source, new_root, baked)
+    source_init = getattr(source, "cached_patcher_init", None)
+    if source_init is not None:  # a source from a core loader: the copy can be made again
+        set_reload_recipe(patcher, requantized_patcher, (source_init, dict(source.patches), targets,
+                                                         format_id, exclude, quantize_on))
+    return patcher, reports
+
+
+def requantized_patcher(source_init, patches, targets, format_id, exclude, quantize_on,
+                        disable_dynamic=False):
+    """The same quantized model again, with weights of its own: the source's loader runs
+    again (ComfyUI's reload recipe), its patches as they were, then the same quantization."""
+    loader, args = source_init[0], source_init[1]
+    source = loader(*args, **({"disable_dynamic": True} if disable_dynamic else {}))
+    if len(source_init) > 2:
+        source = source[source_init[2]]
+    source.patches = {k: list(v) for k, v in patches.items()}
+    return quantize_patcher(source, targets, format_id, exclude, quantize_on)[0]
 
 
 def release_from_gpu(source) -> None:

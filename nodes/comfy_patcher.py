@@ -121,6 +121,16 @@ def classic_patcher_kwargs(loader) -> dict:
     return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
+def set_reload_recipe(patcher, factory, args) -> None:
+    """0.33+: ComfyUI makes a copy of a model with weights of its own (multi-GPU deep
+    clones, `clone(disable_dynamic=True)`) by calling the loader again, as recorded in
+    `cached_patcher_init`; a quantized model records a factory that loads and quantizes
+    again. `factory(*args, disable_dynamic=...)` returns the new patcher. Older ComfyUI
+    has no such field and gets none."""
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (factory, tuple(args))
+
+
 def _copy_model_options(options):
     deepcopy = getattr(comfy.utils, "deepcopy_list_dict", None)  # 0.33: keeps tensors shared
     return deepcopy(options) if deepcopy is not None else copy.deepcopy(options)

@@ -16,7 +16,8 @@ from ..backends.engine.modules import make_quantized
 from ..backends.engine.registry import get_format
 from ..backends.engine.report import KEPT, QUANTIZED, LayerRecord, QuantReport
 from .comfy_layers import LAYER_CLASSES
-from .comfy_patcher import classic_patcher_kwargs, new_quantized_patcher, settle_stored_dtypes
+from .comfy_patcher import (classic_patcher_kwargs, new_quantized_patcher, set_reload_recipe,
+                            settle_stored_dtypes)
 from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder
 from .model_paths import model_file
 
@@ -64,7 +65,14 @@ def load_gguf_model(path: str):
     settle_stored_dtypes(patcher.model)
     report.seconds = time.perf_counter() - start
     patcher.model.quantkit_reports = [report.to_dict()]
-    return new_quantized_patcher(patcher, patcher.model), report
+    quantized = new_quantized_patcher(patcher, patcher.model)
+    set_reload_recipe(quantized, reloaded_gguf_model, (path,))
+    return quantized, report
+
+
+def reloaded_gguf_model(path: str, disable_dynamic=False):
+    """ComfyUI's reload recipe for a Load GGUF model: the file read again."""
+    return load_gguf_model(path)[0]
 
 
 def source_of(sources, by_name):

@@ -16,7 +16,7 @@ from ..backends.gguf.file import read_gguf
 from ..backends.gguf.names import EMBEDDING_NAMES, is_llama_cpp_t5, rename_llama_cpp_t5
 from ..backends.engine.report import QuantReport
 from ..backends.engine.safetensors_file import read_safetensors
-from .comfy_patcher import new_quantized_patcher, settle_stored_dtypes
+from .comfy_patcher import new_quantized_patcher, set_reload_recipe, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops
 from .load_gguf import build_state_dict, source_of, swap_in_quantized
 from .model_paths import model_file
@@ -69,7 +69,13 @@ def load_gguf_clip(paths, clip_type: str):
     report.seconds = time.perf_counter() - start
     clip.cond_stage_model.quantkit_reports = [report.to_dict()]
     clip.patcher = new_quantized_patcher(clip.patcher, clip.cond_stage_model)
+    set_reload_recipe(clip.patcher, reloaded_gguf_clip_patcher, (tuple(paths), clip_type))
     return clip, report
+
+
+def reloaded_gguf_clip_patcher(paths, clip_type: str, disable_dynamic=False):
+    """ComfyUI's reload recipe for a Load GGUF CLIP patcher: the files read again."""
+    return load_gguf_clip(list(paths), clip_type)[0].patcher
 
 
 class LoadGGUFCLIP:
