@@ -34,6 +34,7 @@ def test_watch_sees_a_child_process_allocation_and_names_the_test():
         proc.kill()
         proc.wait()
     assert seen.anon - base >= 0.95 * CHILD_ANON_MIB * MIB
+    assert seen.anon - seen.own >= 0.95 * CHILD_ANON_MIB * MIB, "the child's share is not the test process's"
     assert seen.processes >= 2
     watch.current_test = "after"
     watch.sample()

@@ -29,16 +29,18 @@ class Sample:
     file: int  # bytes, all processes
     processes: int
     test: str
+    own: int = 0  # anonymous bytes of the test process itself
 
 
 def tree_memory(root_pid: int) -> tuple:
-    """(anonymous bytes, file-backed bytes, process count) of a process and its descendants."""
+    """(anonymous bytes, file-backed bytes, process count, the root's own anonymous bytes) of
+    a process and its descendants."""
     try:
         root = psutil.Process(root_pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0, 0
-    anon = file = count = 0
+        return 0, 0, 0, 0
+    anon = file = count = own = 0
     for proc in procs:
         try:
             kib = resident_kib(proc.pid)
@@ -47,7 +49,9 @@ def tree_memory(root_pid: int) -> tuple:
         anon += kib.get("RssAnon", 0) * 1024
         file += (kib.get("RssFile", 0) + kib.get("RssShmem", 0)) * 1024
         count += 1
-    return anon, file, count
+        if proc.pid == root_pid:
+            own = kib.get("RssAnon", 0) * 1024
+    return anon, file, count, own
 
 
 @dataclass
@@ -60,8 +64,8 @@ class SuiteMemoryWatch:
     _thread: Optional[threading.Thread] = None
 
     def sample(self) -> Sample:
-        anon, file, count = tree_memory(os.getpid())
-        s = Sample(anon, file, count, self.current_test)
+        anon, file, count, own = tree_memory(os.getpid())
+        s = Sample(anon, file, count, self.current_test, own)
         if self.peak is None or s.anon > self.peak.anon:
             self.peak = s
         if s.anon > self.per_test_peak.get(s.test, -1):
@@ -91,8 +95,8 @@ class SuiteMemoryWatch:
             return ["no memory sample was taken"]
         p = self.peak
         lines = [f"peak anonymous resident memory of the test process and its children: "
-                 f"{p.anon / GIB:.1f} GiB ({p.processes} processes; file pages beside it "
-                 f"{p.file / GIB:.1f} GiB), sampled every {self.interval_s:g} s, during {p.test}",
+                 f"{p.anon / GIB:.1f} GiB ({p.processes} processes, the test process "
+                 f"{p.own / GIB:.1f} GiB of it; file pages beside it {p.file / GIB:.1f} GiB), sampled every {self.interval_s:g} s, during {p.test}",
                  "heaviest tests (peak GiB while each ran):"]
         lines += [f"  {anon / GIB:5.1f}  {test}" for test, anon in self.heaviest()]
         return lines

@@ -19,6 +19,8 @@ modules = pack_module("backends.engine.modules")
 
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
 
+pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
+
 # Minimum cosine similarity of the conditioning vs the unquantized encoder, by bits stored.
 # T5-XXL is 24 layers deep (CLIP-L 12): errors compound, so its floor is lower. At 4 bits the
 # random stand-in T5 keeps only ~0.6 cosine (NF4): use 8-bit formats for T5 (README says so).
@@ -124,34 +126,6 @@ def test_sdxl_auto_keeps_clip_g_and_all_quantizes_it(comfy, fmt):
     assert_unchanged(clip, snap)
 
 
-@pytest.fixture(scope="module")
-def t5_clip(comfy):
-    clip = load_family_clip("pixart")
-    return clip, encode(clip, PROMPTS[0]), state_digest(clip)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q8_0"])
-def test_pixart_t5xxl(comfy, t5_clip, fmt):
-    """Shown able to fail (reasoned, slow test): clone_tree (backends/engine/clone.py)
-    sharing the source's modules instead of copying them -> the input CLIP holds
-    QuantizedLayers and its digest changes; a recipe keeping T5's Linear layers in fp16
-    -> model_size() is about 2x `before * bits / 8`."""
-    clip, (ref_cond, _), t5_digest = t5_clip
-    before = clip.patcher.model_size()
-    new, text = quantize(comfy, clip, fmt, "t5xxl")
-    assert quantized_encoders(new) == {"t5xxl"}
-    cond, _ = encode(new, PROMPTS[0])
-    bits = registry.get_format(fmt)[1].bits_per_weight
-    print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel(cond, ref_cond):.4f}; "
-          f"{before / 2**30:.2f} GiB -> {new.patcher.model_size() / 2**30:.2f} GiB")
-    assert torch.isfinite(cond).all()
-    assert cosine(cond, ref_cond) >= min_cosine(bits, deep=True)
-    assert new.patcher.model_size() <= before * (bits / 8) * 1.07  # stored fp8 -> bits
-    assert state_digest(clip) == t5_digest, "the input CLIP's weights are untouched"
-    assert not any(isinstance(m, modules.QuantizedLayer) for m in clip.cond_stage_model.modules())
-
-
 @pytest.mark.slow
 @pytest.mark.both_versions
 def test_sd3_auto_quantizes_t5_and_clip_l_not_clip_g(comfy):
@@ -216,3 +190,32 @@ def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
     ref, out = (r[0] if isinstance(r, tuple) else r.result[0] for r in (ref, out))
     assert out[0][0].shape == ref[0][0].shape
     assert cosine(out[0][0], ref[0][0]) > 0.99
+
+
+# Last in the module: the full T5-XXL fixture then never sits beside the other tests' encoders.
+@pytest.fixture(scope="module")
+def t5_clip(comfy):
+    clip = load_family_clip("pixart")
+    return clip, encode(clip, PROMPTS[0]), state_digest(clip)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchao:int8wo", "bnb:nf4", "quanto:int8", "gguf:Q8_0"])
+def test_pixart_t5xxl(comfy, t5_clip, fmt):
+    """Shown able to fail (reasoned, slow test): clone_tree (backends/engine/clone.py)
+    sharing the source's modules instead of copying them -> the input CLIP holds
+    QuantizedLayers and its digest changes; a recipe keeping T5's Linear layers in fp16
+    -> model_size() is about 2x `before * bits / 8`."""
+    clip, (ref_cond, _), t5_digest = t5_clip
+    before = clip.patcher.model_size()
+    new, text = quantize(comfy, clip, fmt, "t5xxl")
+    assert quantized_encoders(new) == {"t5xxl"}
+    cond, _ = encode(new, PROMPTS[0])
+    bits = registry.get_format(fmt)[1].bits_per_weight
+    print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel(cond, ref_cond):.4f}; "
+          f"{before / 2**30:.2f} GiB -> {new.patcher.model_size() / 2**30:.2f} GiB")
+    assert torch.isfinite(cond).all()
+    assert cosine(cond, ref_cond) >= min_cosine(bits, deep=True)
+    assert new.patcher.model_size() <= before * (bits / 8) * 1.07  # stored fp8 -> bits
+    assert state_digest(clip) == t5_digest, "the input CLIP's weights are untouched"
+    assert not any(isinstance(m, modules.QuantizedLayer) for m in clip.cond_stage_model.modules())
