@@ -101,6 +101,10 @@ def start_comfyui(base_dir: Path, extra_args=()):
             import comfy_aimdo.control
             comfy_aimdo.control.init()
         import folder_paths  # noqa: F401
+        # main.py imports ComfyUI's `utils` package before nodes.py puts comfy/ first on
+        # sys.path; imported later, `utils` would be comfy/utils.py and built-in node files
+        # that need the package (nodes_images) would fail to import
+        import utils.extra_config  # noqa: F401
         import nodes
     finally:
         sys.argv = saved_argv
