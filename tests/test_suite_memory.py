@@ -12,10 +12,16 @@ MIB = 1024 ** 2
 CHILD_ANON_MIB = 400
 
 
-def _child(code: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
+def sample_beside_child(watch: SuiteMemoryWatch, code: str):
+    """One sample while a child process that ran `code` (then printed 'ready') is alive."""
+    proc = subprocess.Popen([sys.executable, "-c", f"{code}; print('ready', flush=True); import time; time.sleep(30)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        return watch.sample()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_watch_sees_a_child_process_allocation_and_names_the_test():
@@ -26,13 +32,7 @@ def test_watch_sees_a_child_process_allocation_and_names_the_test():
     watch.current_test = "before"
     base = watch.sample().anon
     watch.current_test = "allocating child"
-    proc = _child(f"import sys,time; b=bytearray({CHILD_ANON_MIB}*{MIB}); b[::4096]=b'x'*len(b[::4096]); "
-                  "print('ready', flush=True); time.sleep(30)")
-    try:
-        seen = watch.sample()
-    finally:
-        proc.kill()
-        proc.wait()
+    seen = sample_beside_child(watch, f"b=bytearray({CHILD_ANON_MIB}*{MIB}); b[::4096]=b'x'*len(b[::4096])")
     assert seen.anon - base >= 0.95 * CHILD_ANON_MIB * MIB
     assert seen.anon - seen.own >= 0.95 * CHILD_ANON_MIB * MIB, "the child's share is not the test process's"
     assert seen.processes >= 2
@@ -51,13 +51,8 @@ def test_watch_keeps_mapped_file_pages_out_of_the_anonymous_figure(tmp_path):
         f.truncate(300 * MIB)
     watch = SuiteMemoryWatch()
     base = watch.sample()
-    proc = _child(f"import mmap,time; f=open({str(path)!r},'rb'); m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ); "
-                  "s=sum(m[i] for i in range(0,len(m),4096)); print('ready', flush=True); time.sleep(30)")
-    try:
-        seen = watch.sample()
-    finally:
-        proc.kill()
-        proc.wait()
+    seen = sample_beside_child(watch, f"import mmap; f=open({str(path)!r},'rb'); "
+                               "m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ); s=sum(m[i] for i in range(0,len(m),4096))")
     assert seen.file - base.file >= 0.9 * 300 * MIB
     assert seen.anon - base.anon < 64 * MIB
 
