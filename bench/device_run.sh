@@ -2,7 +2,8 @@
 # The full GPU run split into parts, each under its own time limit, for a machine without
 # ComfyUI or the backends installed: they travel in .device/ (see bench/README.md).
 #   bash bench/device_run.sh OUT_DIR [PARTS...]   (default parts: denoisers encoders pipelines lowvram)
-# Time limits per part (seconds) come from BENCH_LIMIT_<PART>, e.g. BENCH_LIMIT_DENOISERS=270.
+# Time limits per part (seconds) come from BENCH_LIMIT_<PART>, e.g. BENCH_LIMIT_DENOISERS=270;
+# extra flags from BENCH_FLAGS_<PART>, e.g. BENCH_FLAGS_DENOISERS="--compile --profile".
 set -u
 out=${1:?output folder}; shift
 parts=${*:-denoisers encoders pipelines lowvram}
@@ -21,8 +22,10 @@ for part in $parts; do
   fmts_var=BENCH_FORMATS_${part^^}
   fmts=(); case $part in denoisers|encoders) fmts=(--formats "$FORMATS");; esac
   [ -n "${!fmts_var:-}" ] && fmts=(--formats "${!fmts_var}")
+  flags_var=BENCH_FLAGS_${part^^}
+  read -r -a flags <<< "${!flags_var:-}"
   timeout -k 10 "$limit" python3 "$root/bench/run.py" --gpu-full --parts "$part" \
-    ${models:+--models "$models"} "${fmts[@]}" --budget-s $((limit - 25)) \
+    ${models:+--models "$models"} "${fmts[@]}" "${flags[@]}" --budget-s $((limit - 25)) \
     --out "$out/$part.json" >> "$out/log.txt" 2>&1
   echo "=== $part rc=$? $(date +%T)" | tee -a "$out/log.txt"
 done

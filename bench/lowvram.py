@@ -19,6 +19,8 @@ log = logging.getLogger("quantkit.bench")
 CARD_GIB = 4.0
 VARIANTS = ("default", "bf16", "comfy:fp8_e4m3fn", "torchao:int8wo", "gguf:Q8_0", "gguf:Q4_K", "bnb:nf4")
 STEPS = 8
+PROFILE = False  # set by run.py --profile: where one sampling step's time goes
+PROFILED_STEPS = 2
 
 
 def comfy_args() -> tuple:
@@ -48,6 +50,20 @@ def _model(env, spec, variant, device):
         quant_s = time.perf_counter() - start
         free(device)
     return patcher, quant_s
+
+
+def _profile_steps(patcher, spec, positive, negative, latent, noise, device) -> dict:
+    """where_time_goes over a short sampling run, in milliseconds per step."""
+    import comfy.sample
+    from .step_profile import where_time_goes
+
+    def sample():
+        with torch.inference_mode():
+            comfy.sample.sample(patcher, noise, PROFILED_STEPS, 6.0, "euler", "normal",
+                                positive, negative, latent)
+    per_run = where_time_goes(sample, device)
+    return {"wall_ms": per_run["wall_ms"] / PROFILED_STEPS, "busy_ms": per_run["busy_ms"] / PROFILED_STEPS,
+            "kinds_ms": {k: v / PROFILED_STEPS for k, v in per_run["kinds_ms"].items()}}
 
 
 def run(env, results, device, formats_arg, steps, deadline: float):
@@ -88,6 +104,8 @@ def run(env, results, device, formats_arg, steps, deadline: float):
                        peak_bytes=torch.cuda.max_memory_allocated(), quant_s=quant_s,
                        model_bytes=timed.model_size(), loaded_bytes=timed.loaded_size(),
                        note=f"{(timed.model_size() - timed.loaded_size()) / 2**20:.0f} MiB offloaded, batch {batch}")
+            if PROFILE:
+                rec["profile"] = _profile_steps(timed, spec, positive, negative, latent, noise, device)
             del patcher, timed
         except Exception as exc:
             rec.setdefault("errors", {})["normal"] = _error_text(exc)

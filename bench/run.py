@@ -49,7 +49,7 @@ def parse(argv):
     ap.add_argument("--compile", action="store_true",
                     help="denoisers: also through ComfyUI's TorchCompileModel (rows '<format> compiled')")
     ap.add_argument("--profile", action="store_true",
-                    help="denoisers: also profile each timed format (kernel time by kind)")
+                    help="denoisers, lowvram: also profile each timed format (kernel time by kind)")
     return ap.parse_args(argv)
 
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
                           variants=args.formats.split(",") if args.formats else None)
         elif part == "lowvram":
             from bench import lowvram
+            lowvram.PROFILE = args.profile
             lowvram.run(env, result, device, args.formats, args.steps, part_deadline)
         result.save()
 
@@ -144,6 +145,8 @@ def _spawn_lowvram(args, out: Path) -> None:
         cmd += ["--formats", args.formats]
     if args.budget_s:
         cmd += ["--budget-s", str(args.budget_s)]
+    if args.profile:
+        cmd.append("--profile")
     subprocess.run(cmd, check=False)
 
 

@@ -14,7 +14,8 @@ from .measure import sync
 
 # first match wins: convolutions before GEMMs (cuDNN names its convolutions "implicit_gemm")
 KINDS = (
-    ("quantize/decode", r"_quantize_rows|_decode_kernel|_dequantize_rows|dequant|quantize_per"),
+    ("host-to-device copies", r"memcpy htod"),  # partial loading streams weights in
+    ("quantize/decode", r"_quantize_rows|_decode_kernel|_group_kernel|_dequantize_rows|dequant|quantize_per"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("convolution", r"conv|fprop|dgrad|implicit|winograd"),
     ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|matmul|_int_mm|scaled_mm|addmm|aten::mm|aten::bmm|sm90_|sm80_"),
