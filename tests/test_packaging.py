@@ -34,6 +34,19 @@ def test_requirements_are_plain_lines_without_torch():
         assert not re.match(r"^torch(vision|audio)?\b", line), "Manager never installs torch from here"
 
 
+def test_gguf_requirement_is_stated_once_and_the_files_repeat_it_exactly():
+    """pyproject.toml and requirements.txt must stay files; they state GGUF_REQUIREMENT.
+    Shown able to fail: requirements.txt's line changed to `gguf>=0.11.0` -> it differs from
+    'gguf>=0.10.0'."""
+    requirement = pack_module("backends.gguf.library").GGUF_REQUIREMENT
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    for where, entries in (("pyproject.toml", dependencies), ("requirements.txt", lines)):
+        gguf = [e.strip() for e in entries if re.match(r"\s*gguf\b", e)]
+        assert gguf == [requirement], f"{where} states {gguf}, the code {requirement!r}"
+    assert registry.get_adapter("gguf").pip_requirement == requirement
+
+
 def test_backends_never_import_comfy():
     """Shown able to fail: `import comfy.utils` (even under `if False:`) added to
     backends/gguf/library.py -> "library.py imports ['comfy.utils']"."""

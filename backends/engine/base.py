@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import FormatUnsupported
+from .errors import UnknownFormat
 
 Parts = dict  # name -> torch.Tensor; the key "weight" holds the main packed payload
 
@@ -118,9 +118,10 @@ def parts_nbytes(parts: Parts) -> int:
 
 
 def require_format(adapter: BackendAdapter, name: str) -> FormatSpec:
-    try:
-        return adapter.formats[name]
-    except KeyError:
-        known = ", ".join(adapter.formats)
-        raise FormatUnsupported(
-            f"'{adapter.name}' has no format '{name}'. Formats it offers: {known}.") from None
+    """The one lookup of a format by name: every caller (registry, adapters, quantize)
+    goes through here, so an unknown name is always an UnknownFormat listing the ids."""
+    spec = adapter.formats.get(name)
+    if spec is None:
+        known = ", ".join(s.id for s in adapter.formats.values())
+        raise UnknownFormat(f"Backend '{adapter.name}' has no format '{name}'. It offers: {known}.")
+    return spec

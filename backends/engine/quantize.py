@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .base import parts_nbytes
+from .base import parts_nbytes, require_format
 from ..kernels.decode_groups import link_decode_groups
 from .errors import QuantKitError
 from .modules import make_quantized
@@ -74,7 +74,7 @@ def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[st
     if problem is None:
         return QUANTIZED, spec, ""
     if spec.fallback:
-        fb = adapter.formats[spec.fallback]
+        fb = require_format(adapter, spec.fallback)
         if adapter.supports_shape(fb, weight.shape) is None:
             return FALLBACK, fb, problem
     return KEPT, None, problem

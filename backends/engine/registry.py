@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from typing import Dict, List, Optional
 
 import torch
 
-from .base import BackendAdapter, FormatSpec, hardware_problem
+from .base import BackendAdapter, FormatSpec, hardware_problem, require_format
 from .errors import BackendUnavailable, FormatUnsupported, UnknownFormat
 
 _ADAPTERS: Dict[str, BackendAdapter] = {}
+_BROKEN: Dict[str, str] = {}  # built-in backend -> why its module failed to import
+
+log = logging.getLogger("quantkit")
 
 
 def register(adapter_cls):
@@ -29,7 +33,7 @@ BUILTIN_BACKENDS = {"torchao": "..adapters.torchao", "bnb": "..adapters.bnb",
 
 
 def adapters() -> Dict[str, BackendAdapter]:
-    _load_builtin_backends()
+    _load_builtin_backends(BUILTIN_BACKENDS)
     rank = {name: i for i, name in enumerate(BUILTIN_BACKENDS)}
     return {name: _ADAPTERS[name] for name in sorted(_ADAPTERS, key=lambda n: rank.get(n, len(rank)))}
 
@@ -48,41 +52,45 @@ def split_format_id(format_id: str):
 
 
 def get_adapter(backend: str) -> BackendAdapter:
-    found = adapters().get(backend)
-    if found is None:
-        raise UnknownFormat(f"Unknown backend '{backend}'. Known backends: {', '.join(adapters())}.")
-    return found
+    _load_builtin_backends([backend])
+    found = _ADAPTERS.get(backend)
+    if found is not None:
+        return found
+    if backend in _BROKEN:
+        raise BackendUnavailable(f"The '{backend}' backend failed to load ({_BROKEN[backend]}); its "
+                                 f"formats cannot be used until it imports. Fix or reinstall what "
+                                 f"the error names; QuantKit tries again on the next use.")
+    raise UnknownFormat(f"Unknown backend '{backend}'. Known backends: {', '.join(adapters())}.")
 
 
 def get_format(format_id: str):
     """(adapter, spec) for 'backend:format', with a clear error for unknown names."""
     backend, fmt = split_format_id(format_id)
     adapter = get_adapter(backend)
-    spec = adapter.formats.get(fmt)
-    if spec is None:
-        raise UnknownFormat(f"Backend '{backend}' has no format '{fmt}'. "
-                            f"It offers: {', '.join(adapter.formats)}.")
-    return adapter, spec
+    return adapter, require_format(adapter, fmt)
 
 
-_IMPORT_CACHE: Dict[str, Optional[str]] = {}
+_IMPORT_CACHE: Dict[str, Optional[str]] = {}  # successes only: a failure is checked again next time
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be found, without importing it."""
+    return importlib.util.find_spec(package.split(".")[0]) is not None
 
 
 def import_problem(package: str, requirement: str, backend: str) -> Optional[str]:
     if package in _IMPORT_CACHE:
         return _IMPORT_CACHE[package]
-    problem = None
-    if importlib.util.find_spec(package.split(".")[0]) is None:
-        problem = (f"The '{backend}' backend needs the Python package '{requirement}', which is "
-                   f"not installed. In ComfyUI's Python run: python -m pip install {requirement}")
-    else:
-        try:
-            importlib.import_module(package)
-        except Exception as exc:  # a broken install must not break the whole pack
-            problem = (f"The '{backend}' backend could not import '{package}' ({type(exc).__name__}: "
-                       f"{exc}). Reinstall it: python -m pip install --force-reinstall {requirement}")
-    _IMPORT_CACHE[package] = problem
-    return problem
+    if not installed(package):
+        return (f"The '{backend}' backend needs the Python package '{requirement}', which is "
+                f"not installed. In ComfyUI's Python run: python -m pip install {requirement}")
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # a broken install must not break the whole pack
+        return (f"The '{backend}' backend could not import '{package}' ({type(exc).__name__}: "
+                f"{exc}). Reinstall it: python -m pip install --force-reinstall {requirement}")
+    _IMPORT_CACHE[package] = None
+    return None
 
 
 def usable_problem(adapter: BackendAdapter, spec: FormatSpec, device) -> Optional[str]:
@@ -90,31 +98,44 @@ def usable_problem(adapter: BackendAdapter, spec: FormatSpec, device) -> Optiona
 
 
 def check_usable(adapter: BackendAdapter, fmt: str, device) -> FormatSpec:
-    spec = adapter.formats.get(fmt)
-    if spec is None:
-        raise UnknownFormat(f"Backend '{adapter.name}' has no format '{fmt}'. "
-                            f"It offers: {', '.join(adapter.formats)}.")
+    spec = require_format(adapter, fmt)
     missing = adapter.missing_package()
     if missing:
         raise BackendUnavailable(missing)
     hw = hardware_problem(spec, torch.device(device))
     if hw:
-        alternatives = [s.id for a in adapters().values() for s in a.formats.values()
-                        if s.id != spec.id and not s.read_only and usable_problem(a, s, device) is None
-                        and abs(s.bits_per_weight - spec.bits_per_weight) <= 1.5]
-        hint = f" Try {' or '.join(repr(a) for a in alternatives[:3])}." if alternatives else ""
-        raise FormatUnsupported(hw + hint)
+        raise FormatUnsupported(hw + _alternatives_hint(spec, device))
     return spec
 
 
-_loaded = False
+def _alternatives_hint(spec: FormatSpec, device) -> str:
+    """' Try ...' with up to three formats of about the same size that this device runs.
+    Cheap: the hardware is checked first and packages are found, not imported."""
+    alternatives = [s.id for a in adapters().values() for s in a.formats.values()
+                    if s.id != spec.id and not s.read_only
+                    and abs(s.bits_per_weight - spec.bits_per_weight) <= 1.5
+                    and hardware_problem(s, torch.device(device)) is None and installed(a.package)]
+    return f" Try {' or '.join(repr(a) for a in alternatives[:3])}." if alternatives else ""
 
 
-def _load_builtin_backends():
-    """Importing a backend module only registers it: the library itself loads on use."""
-    global _loaded
-    if _loaded:
+def _load_builtin_backends(names):
+    """Imports the built-in backends among `names` not yet registered. A module that fails
+    is logged once per distinct reason and tried again on the next lookup (the user may
+    have installed what it lacked); the other backends register regardless."""
+    for name in names:
+        if name in BUILTIN_BACKENDS and name not in _ADAPTERS:
+            _import_backend(name)
+
+
+def _import_backend(name: str) -> None:
+    try:
+        importlib.import_module(BUILTIN_BACKENDS[name], __package__)
+    except Exception as exc:  # noqa: BLE001 (one broken backend must not hide the others)
+        _ADAPTERS.pop(name, None)  # registered before the module failed: not usable
+        reason = f"{type(exc).__name__}: {exc}"
+        if _BROKEN.get(name) != reason:
+            log.warning("QuantKit: the '%s' backend failed to load (%s); its formats are "
+                        "unavailable until it imports.", name, reason)
+        _BROKEN[name] = reason
         return
-    _loaded = True
-    for module in BUILTIN_BACKENDS.values():
-        importlib.import_module(module, __package__)
+    _BROKEN.pop(name, None)

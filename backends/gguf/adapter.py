@@ -10,6 +10,7 @@ import torch
 from ..engine.base import BackendAdapter, FormatSpec, require_format
 from ..kernels.decode_groups import DecodePlan
 from .dequant import dequantize
+from .library import GGUF_REQUIREMENT
 from .quantize import QUANT_TYPES, quantize
 from ..engine.registry import register
 
@@ -27,7 +28,7 @@ class GGUFAdapter(BackendAdapter):
     name = "gguf"
     # In memory these formats need only torch; gguf-py is for .gguf files (gguf_file checks it).
     package = "torch"
-    pip_requirement = "gguf>=0.10.0"
+    pip_requirement = GGUF_REQUIREMENT
     formats = {
         "Q8_0": _fmt("Q8_0", "8-bit, blocks of 32 with an fp16 scale"),
         "Q5_0": _fmt("Q5_0", "5-bit, blocks of 32 with an fp16 scale", nominal_bits=5),

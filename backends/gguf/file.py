@@ -24,7 +24,7 @@ import torch
 from ..engine.errors import FormatUnsupported, MalformedFile
 from .dequant import BLOCK_SIZES, FLOAT_TYPES
 from .header import MAX_DIMS, REDO as _REDO, TensorInfo as GGUFTensorInfo, parse_header
-from .library import GGUF_REQUIREMENT, gguf_py as _gguf  # noqa: F401 (GGUF_REQUIREMENT: public)
+from .library import GGUF_REQUIREMENT, gguf_py as _gguf
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ def _decoded_by_gguf_py(path: str, info: GGUFTensorInfo, raw: np.ndarray, shape)
         values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[info.qtype])
     except NotImplementedError:
         raise FormatUnsupported(f"{path}: tensor '{info.name}' is stored as {info.qtype}, which "
-                                f"the installed gguf package cannot decode. Update it (pip install "
-                                f"-U gguf) or use a file quantized to {', '.join(SUPPORTED_TYPES)}.") from None
+                                f"the installed gguf package cannot decode. Update it (python -m pip "
+                                f"install -U \"{GGUF_REQUIREMENT}\") or use a file quantized to "
+                                f"{', '.join(SUPPORTED_TYPES)}.") from None
     if info.qtype not in _DECODED_BY_GGUF_PY:
         _DECODED_BY_GGUF_PY.add(info.qtype)
         log.warning("QuantKit: GGUF type %s has no QuantKit decoder; its tensors are decoded by "

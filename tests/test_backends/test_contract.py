@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.formats import activation_error, cpu_format_ids, weight_error_band
 from harness.tiny_models import heavy_tailed
 
@@ -25,10 +26,6 @@ recipes = pack_module("backends.engine.recipes")
 clone = pack_module("backends.engine.clone")
 
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(params=CPU_FORMATS, ids=CPU_FORMATS)
@@ -56,7 +53,7 @@ def test_round_trip_plain_parts_and_bytes(fmt):
         assert all(type(t) is torch.Tensor for t in parts.values()), "parts must be plain tensors"
         back = adapter.dequantize(parts, spec, w.shape, torch.float32)
         assert back.shape == w.shape and back.dtype == torch.float32
-        err = rel(back, w)
+        err = rel_err(back, w)
         low, high = weight_error_band(spec.id, spec.bits_per_weight, heavy=name == "heavy")
         print(f"{spec.id} {name}: weight error {err:.4f} (band {low:.4f}-{high:.4f})")
         assert low <= err <= high
@@ -78,14 +75,14 @@ def test_quantized_linear_matches_dequantized_math(fmt):
     q = modules.make_quantized(lin, adapter, spec, parts, lin.bias.detach())
     x = torch.randn(2, 33, 1024)
     exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    weight_err = rel(q.dequantized_weight(torch.float32), lin.weight)
+    weight_err = rel_err(q.dequantized_weight(torch.float32), lin.weight)
     got = q(x)
     assert got.shape == (2, 33, 256)
     # random inputs carry a weight error into the output about one to one (the bias is exact)
-    assert rel(got, exact) < 1.25 * weight_err + activation_error(spec.id) + 1e-5
+    assert rel_err(got, exact) < 1.25 * weight_err + activation_error(spec.id) + 1e-5
     # and the product is as good as the format's physics promises, whatever dequantize says
     physics = weight_error_band(spec.id, spec.bits_per_weight, heavy=True)[1]
-    assert rel(got, exact) < 1.25 * physics + activation_error(spec.id) + 1e-5
+    assert rel_err(got, exact) < 1.25 * physics + activation_error(spec.id) + 1e-5
     names = set(q.state_dict())
     assert "weight" in names and "bias" in names
     assert q.stored_bytes() == sum(t.nelement() * t.element_size() for t in q.state_dict().values())
@@ -105,10 +102,10 @@ def test_quantized_conv_matches_dequantized_math(fmt):
     q = modules.make_quantized(conv, adapter, spec, parts, conv.bias.detach())
     x = torch.randn(1, 256, 12, 12)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    weight_err = rel(q.dequantized_weight(torch.float32), conv.weight)
-    assert rel(q(x), exact) < 1.25 * weight_err + 1e-5
+    weight_err = rel_err(q.dequantized_weight(torch.float32), conv.weight)
+    assert rel_err(q(x), exact) < 1.25 * weight_err + 1e-5
     # PyTorch's default conv init is uniform: within the Gaussian band's upper edge
-    assert rel(q(x), exact) < 1.25 * weight_error_band(spec.id, spec.bits_per_weight)[1] + 1e-5
+    assert rel_err(q(x), exact) < 1.25 * weight_error_band(spec.id, spec.bits_per_weight)[1] + 1e-5
 
 
 class Toy(nn.Module):
