@@ -4,10 +4,11 @@ from __future__ import annotations
 import comfy.model_management
 import torch
 
+from ..backends.engine.recipes import DIFFUSION_RECIPES
 from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
 
-DIFFUSION_RECIPES = ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]
+RECIPE_CHOICES = ["auto", *DIFFUSION_RECIPES]
 DEFAULT_FORMAT = "torchao:int8wo"  # GPUs: faithful, about bf16 speed on DiT models
 # CPU-only ComfyUI: W8A8 through torch._int_mm is the one 8-bit format clearly faster than
 # fp32 there (1.3-1.8x on the full SD1.5 UNet, four runs); int8wo is at about fp32 speed.
@@ -58,7 +59,7 @@ class QuantizeModel:
                                "int8dq, the default there, is 1.2-1.8x faster than fp32. quanto "
                                "and torchao:int4wo rebuild each layer's weight in several steps "
                                "(slower). Formats marked CUDA in the README need an NVIDIA GPU."}),
-                "recipe": (DIFFUSION_RECIPES, {
+                "recipe": (RECIPE_CHOICES, {
                     "default": "auto",
                     "tooltip": "Which layers stay in high precision (embeddings, first/last "
                                "layers). 'auto' picks the recipe of the model's family."}),

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ..backends.engine.errors import QuantKitError
+from ..backends.engine.recipes import TEXT_ENCODERS as KNOWN_ENCODERS
 from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
 
-KNOWN_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+# The menu as released: saved workflows store these values, so they never change.
 ENCODER_CHOICES = ["auto", "all", "t5xxl", "clip_l", "clip_g", "clip_l+t5xxl",
                    "clip_l+clip_g", "clip_g+t5xxl"]
 DEFAULT_FORMAT = "torchao:int8wo"

@@ -5,7 +5,7 @@ the quantized root (the diffusion model, or one text encoder).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 from .errors import UnknownRecipe
@@ -28,18 +28,25 @@ _DIT_KEEP = (r"^x_embedder\.", r"^t_embedder\.", r"^y_embedder\.mlp\.", r"^t_blo
              r"^pos_embed", r"^final_layer\.adaLN_modulation\.", r"^ar_embedder\.",
              r"^csize_embedder\.")
 
-RECIPES: Dict[str, Recipe] = {
-    "sd15": Recipe("sd15", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
-    "sdxl": Recipe("sdxl", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
-    "sd3": Recipe("sd3", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
-    "pixart": Recipe("pixart", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
-    "generic": Recipe("generic", final_projection=(r"(^|\.)(final_layer|proj_out|out)(\.|$)",)),
-    # Text encoders (names relative to the encoder module inside ComfyUI's CLIP wrapper).
-    "clip_l": Recipe("clip_l", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
-    "clip_g": Recipe("clip_g", keep=(r"embeddings\.",), final_projection=(r"text_projection",)),
-    "t5xxl": Recipe("t5xxl", keep=(r"(^|\.)shared$", r"relative_attention_bias"),
-                    final_projection=(r"(^|\.)final_layer_norm$",)),
-}
+# Quantize Model's recipe menu shows them in this order (after "auto").
+_DIFFUSION = (
+    Recipe("sd15", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
+    Recipe("sdxl", keep=_UNET_KEEP, final_projection=(r"^out\.",)),
+    Recipe("sd3", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
+    Recipe("pixart", keep=_DIT_KEEP, final_projection=(r"^final_layer\.linear$",)),
+    Recipe("generic", final_projection=(r"(^|\.)(final_layer|proj_out|out)(\.|$)",)),
+)
+# One per text encoder, named as the attribute that holds it in ComfyUI's CLIP wrapper (names
+# relative to that encoder). Their embeddings and layer norms are not Linear: never quantized.
+_TEXT_ENCODERS = (
+    Recipe("clip_l", final_projection=(r"text_projection",)),
+    Recipe("clip_g", final_projection=(r"text_projection",)),
+    Recipe("t5xxl"),
+)
+
+DIFFUSION_RECIPES: Tuple[str, ...] = tuple(r.name for r in _DIFFUSION)
+TEXT_ENCODERS: Tuple[str, ...] = tuple(r.name for r in _TEXT_ENCODERS)
+RECIPES: Dict[str, Recipe] = {r.name: r for r in _DIFFUSION + _TEXT_ENCODERS}
 
 
 def get_recipe(name: str) -> Recipe:

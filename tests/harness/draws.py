@@ -19,4 +19,5 @@ def heavy_tailed(shape, seed=1):
 
 
 def rel_err(a, b):
+    """||a - b|| / ||b|| (Frobenius norms), computed in float32."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.formats import weight_error_band
 from harness.tiny_models import heavy_tailed
 
@@ -45,9 +46,9 @@ def gguf_py_decode(raw: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[name]))
 
 
-def rel_error(name: str, w: torch.Tensor) -> float:
+def round_trip_error(name: str, w: torch.Tensor) -> float:
     back = gguf_py_decode(gq.quantize(w, name), name).reshape(w.shape)
-    return ((back - w).norm() / w.norm()).item()
+    return rel_err(back, w)
 
 
 def _inv(t):
@@ -86,7 +87,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def measured(weights):
-    table = {name: tuple(rel_error(name, weights[d]) for d in DISTRIBUTIONS) for name in TYPES}
+    table = {name: tuple(round_trip_error(name, weights[d]) for d in DISTRIBUTIONS) for name in TYPES}
     print("\ntype   rel.err gaussian   rel.err heavy-tailed")
     for name, (g, h) in table.items():
         print(f"{name:5}  {g:.4f}             {h:.4f}")
@@ -126,7 +127,7 @@ def test_k_types_beat_plain_rounding_of_their_scheme(weights, measured, name):
     level twice) -> Q6_K, Q5_K, Q3_K no better than plain_k."""
     for dist, err in zip(DISTRIBUTIONS, measured[name]):
         w = weights[dist]
-        plain = ((plain_k(w, name) - w).norm() / w.norm()).item()
+        plain = rel_err(plain_k(w, name), w)
         assert err < plain, f"{name} on {dist} weights: {err:.4f} >= plain rounding's {plain:.4f}"
 
 
@@ -167,7 +168,7 @@ def test_degenerate_rows(name):
     assert torch.equal(back[0], w[0]), "zeros must stay exact"
     assert torch.isfinite(back).all()
     for r in range(1, 5):
-        err = ((back[r] - w[r]).norm() / w[r].norm()).item()
+        err = rel_err(back[r], w[r])
         assert err <= (FP16_ROUNDING if r < 4 else band(name, False)[1]), f"row {r}: {err:.5f}"
 
 
@@ -219,5 +220,5 @@ def test_adapter_round_trip_conv_weight(name):
     assert list(parts) == ["weight"] and parts["weight"].shape[0] == 32
     back = ADAPTER.dequantize(parts, spec, w.shape, torch.bfloat16)
     assert back.shape == w.shape and back.dtype == torch.bfloat16
-    assert ((back.float() - w).norm() / w.norm()).item() <= band(name, True)[1] + 2 ** -9
+    assert rel_err(back, w) <= band(name, True)[1] + 2 ** -9
     assert ADAPTER.supports_shape(spec, torch.Size((8, 100))) is not None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.noise_reference import (assert_in_band, lora_effect_bound, noise_floor_error, quantized_layer_names,
                                      recipe_checked_layers)
 from harness.tiny_models import sample_eager_and_compiled, sd3_inputs, tiny_lora, tiny_sd3_patcher, with_lora
@@ -22,10 +23,6 @@ def _cuda():
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     return torch.device("cuda")
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def gpu_formats():
@@ -88,7 +85,7 @@ def test_format_on_gpu_loads_moves_and_matches(comfy, upstream_gaussian, fmt):
     patcher, inputs, reference = upstream_gaussian
     quantized = quantize(comfy, patcher, fmt)
     out = run(quantized, inputs)
-    err = rel(out, reference)
+    err = rel_err(out, reference)
     layers = recipe_checked_layers(quantized.model, patcher.model.diffusion_model, fmt, "sd3",
                                    prefix="diffusion_model.")
     floor = floor_on_gpu(layers, inputs, reference)
@@ -112,7 +109,7 @@ def test_quantize_on_gpu_equals_quantize_on_cpu(comfy, upstream):
     patcher, inputs, _ = upstream
     on_gpu = run(quantize(comfy, patcher, "gguf:Q8_0", "gpu"), inputs)
     on_cpu = run(quantize(comfy, patcher, "gguf:Q8_0", "cpu"), inputs)
-    assert rel(on_gpu, on_cpu) < 1e-3
+    assert rel_err(on_gpu, on_cpu) < 1e-3
 
 
 def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
@@ -138,7 +135,7 @@ def test_partial_load_on_gpu_matches_full_load(comfy, upstream):
                                                   y=inputs["y"].to(dev)).float().cpu()
     finally:
         quantized.unpatch_model(torch.device("cpu"))
-    assert rel(partial, full) < 1e-4
+    assert rel_err(partial, full) < 1e-4
 
 
 def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
@@ -149,8 +146,8 @@ def test_torch_compile_model_node_on_torchao_output(comfy, upstream):
     patcher, inputs, _ = upstream
     quantized = quantize(comfy, patcher, "torchao:int8wo")
     eager, compiled, _ = sample_eager_and_compiled(comfy, quantized, inputs, steps=3)
-    print(f"compiled vs eager: {rel(compiled, eager):.2e}")
-    assert rel(compiled, eager) < 2e-2
+    print(f"compiled vs eager: {rel_err(compiled, eager):.2e}")
+    assert rel_err(compiled, eager) < 2e-2
 
 
 def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
@@ -260,16 +257,16 @@ def test_lora_after_quantize_on_gpu_acts_as_on_the_unquantized_model(comfy, upst
     patcher, inputs, reference = upstream_gaussian
     lora, _ = tiny_lora(patcher, heavy=False)
     ref_lora = run(with_lora(patcher, lora), inputs)
-    assert rel(ref_lora, reference) > 0.05, "the test LoRA must change the output visibly"
+    assert rel_err(ref_lora, reference) > 0.05, "the test LoRA must change the output visibly"
     quantized = quantize(comfy, patcher, fmt)
     layers = quantized_layer_names(quantized.model)
     plain = run(quantized, inputs)
     after = run(with_lora(quantized, lora), inputs)
     floor_after = floor_on_gpu(layers, inputs, ref_lora, lambda p: with_lora(p, lora))
     floor_plain = floor_on_gpu(layers, inputs, reference)
-    err = rel(after, ref_lora)
+    err = rel_err(after, ref_lora)
     effect_bound = lora_effect_bound(floor_after, floor_plain, ref_lora, reference)
-    effect_err = rel(after - plain, ref_lora - reference)
+    effect_err = rel_err(after - plain, ref_lora - reference)
     print(f"{fmt} LoRA on GPU: error {err:.5f} (floor {floor_after:.5f}), effect error {effect_err:.4f} (bound {effect_bound:.4f})")
     assert_in_band(f"{fmt} with LoRA", err, floor_after)
     assert effect_err <= effect_bound
@@ -300,7 +297,7 @@ def test_upstream_clip_still_works_after_quantize_text_encoder_on_gpu(comfy):
     gc.collect()
     once_more = clip.encode_from_tokens(tokens).float().cpu()
     assert torch.equal(again, ref) and torch.equal(once_more, ref)
-    assert rel(quantized, ref) < 0.05
+    assert rel_err(quantized, ref) < 0.05
 
 
 def test_memory_report_gpu_figures(comfy, upstream):
@@ -364,4 +361,4 @@ def test_model_run_in_another_dtype_than_stored(comfy):
     assert torch.float16 not in kept, kept
     fresh = load_diffusion_model_state_dict(tiny_sd3_state_dict(heavy=False), model_options={"dtype": torch.bfloat16})
     floor = noise_floor_error(fresh.model, quantized_layer_names(quantized.model), lambda: run(fresh, inputs), reference)
-    assert_in_band("torchao:int8wo computing in bf16", rel(out, reference), floor)
+    assert_in_band("torchao:int8wo computing in bf16", rel_err(out, reference), floor)

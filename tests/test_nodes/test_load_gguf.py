@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.tiny_models import denoise, sample_eager_and_compiled, sd3_inputs, tiny_sd3_patcher
 
 modules = pack_module("backends.engine.modules")
 errors = pack_module("backends.engine.errors")
 save_gguf = pack_module("backends.gguf.export").save_gguf
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def test_loaded_model_equals_in_memory_quantization(comfy, gguf_file):
         assert torch.equal(layer.weight, expected[name].weight), f"{name}: bytes differ from the file"
     inputs = sd3_inputs()
     out, ref = denoise(model, inputs), denoise(quantized, inputs)
-    assert rel(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-4
     file_bytes = sum(l.weight.nelement() for l in layers.values())
     assert file_bytes < 0.33 * sum(l.weight_shape.numel() * 2 for l in layers.values()), "~4.5 bits in memory"
 
@@ -70,7 +67,7 @@ def test_lora_applies_to_a_loaded_gguf_model(comfy, gguf_file):
             f"{key}.lora_down.weight": torch.randn(4, in_f, generator=g) * 0.5}
     patched, _ = load_lora_for_models(model, None, lora, 1.0, 0.0)
     inputs = sd3_inputs()
-    assert rel(denoise(patched, inputs), denoise(model, inputs)) > 0.01
+    assert rel_err(denoise(patched, inputs), denoise(model, inputs)) > 0.01
     assert w.dtype == torch.uint8
 
 
@@ -124,5 +121,5 @@ def test_torch_compile_model_on_a_loaded_gguf_model(comfy, gguf_file):
     eager, compiled, compiled_model = sample_eager_and_compiled(comfy, model, sd3_inputs())
     assert any(isinstance(m, modules.QuantizedLayer) for m in compiled_model.model.modules()), \
         "the compiled model is the file's quantized model, not a float rebuild"
-    assert rel(compiled, eager) < 2e-2
+    assert rel_err(compiled, eager) < 2e-2
     mm.unload_all_models()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.formats import ACTIVATION_QUANTIZED, FLOAT8_FORMATS, cpu_format_ids
 from harness.noise_reference import (assert_in_band, lora_effect_bound, noise_floor_error, output_error_band,
                                      quantized_layer_names, recipe_checked_layers)
@@ -19,10 +20,6 @@ errors = pack_module("backends.engine.errors")
 modules = pack_module("backends.engine.modules")
 
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +81,7 @@ def test_quantized_model_output_bytes_and_upstream(comfy, upstream_gaussian, fmt
     quantized, text = quantize(comfy, patcher, fmt)
     assert "layers quantized" in text
     out = denoise(quantized, inputs)
-    err = rel(out, reference)
+    err = rel_err(out, reference)
     layers = recipe_checked_layers(quantized.model, patcher.model.diffusion_model, fmt, "sd3",
                                    prefix="diffusion_model.")
     floor = _floor(layers, inputs, reference)
@@ -123,7 +120,7 @@ def test_output_band_fails_a_format_that_is_not_what_it_claims(comfy, upstream_g
     for fmt, side in (("gguf:Q8_0", "below"), ("gguf:Q2_K", "above")):
         impostor, _ = quantize(comfy, patcher, fmt, exclude="final_layer.linear")
         assert set(quantized_layer_names(impostor.model)) == set(layers), fmt
-        err = rel(denoise(impostor, inputs), reference)
+        err = rel_err(denoise(impostor, inputs), reference)
         print(f"{fmt} claimed as {q4k.id}: error {err:.5f}, band {low:.5f}-{high:.5f}")
         assert (err < low) if side == "below" else (err > high), (fmt, err, low, high)
 
@@ -152,7 +149,7 @@ def test_lora_before_and_after_quantize(comfy, upstream_gaussian, fmt):
     patcher, inputs, reference, snapshot = upstream_gaussian
     lora, targets = tiny_lora(patcher, heavy=False)
     ref_lora = denoise(with_lora(patcher, lora), inputs)
-    lora_effect = rel(ref_lora, reference)
+    lora_effect = rel_err(ref_lora, reference)
     assert lora_effect > 0.05, "the test LoRA must change the output visibly"
 
     quantized, _ = quantize(comfy, patcher, fmt)
@@ -166,13 +163,14 @@ def test_lora_before_and_after_quantize(comfy, upstream_gaussian, fmt):
         "after": _floor(layers, inputs, ref_lora, lambda p: with_lora(p, lora)),
         "before": _floor(layers, inputs, ref_lora, lambda p: p, prepare=lambda p: _baked(p, lora, targets)),
     }
-    errors = {"plain": rel(plain, reference), "after": rel(after, ref_lora), "before": rel(before, ref_lora)}
+    errors = {"plain": rel_err(plain, reference), "after": rel_err(after, ref_lora),
+              "before": rel_err(before, ref_lora)}
     print(f"{fmt}: LoRA effect {lora_effect:.3f}; " + "; ".join(
         f"{k} {errors[k]:.5f} (floor {floors[k]:.5f}, ratio {errors[k] / floors[k]:.2f})" for k in errors))
     for route, err in errors.items():
         assert_in_band(f"{fmt}, LoRA {route}", err, floors[route])
     # the LoRA's own effect survives: off by at most both routes' upper bands
-    assert rel(after - plain, ref_lora - reference) <= lora_effect_bound(floors["after"], floors["plain"], ref_lora, reference)
+    assert rel_err(after - plain, ref_lora - reference) <= lora_effect_bound(floors["after"], floors["plain"], ref_lora, reference)
     assert not any(k.startswith(tuple(targets)) for k in before_model.patches), "baked patches dropped"
     assert torch.equal(denoise(quantized, inputs), plain), "LoRA on a clone leaves the quantized model alone"
     _assert_unchanged(patcher, snapshot)
@@ -203,7 +201,7 @@ def test_partial_low_vram_load_matches_full_load(comfy, upstream):
                                               y=inputs["y"]).float()
     finally:
         model.unpatch_model(torch.device("cpu"))
-    assert rel(partial, full) < 1e-5
+    assert rel_err(partial, full) < 1e-5
 
 
 def test_unknown_and_unsupported_formats_are_clear_errors(comfy, upstream):
@@ -260,7 +258,7 @@ def test_compute_dtype_option_uses_comfyuis_compute_dtype(comfy, upstream):
     finally:
         handle.remove()
     assert seen and seen[0] == torch.bfloat16
-    assert rel(out, reference) < 0.05
+    assert rel_err(out, reference) < 0.05
 
 
 def test_copy_shares_configuration_and_takes_no_loader_state(comfy, upstream):
@@ -329,3 +327,17 @@ def test_new_node_starts_with_the_fast_format_of_this_device(comfy, monkeypatch)
         monkeypatch.setattr(model_management, "get_torch_device", lambda d=device: d)
         default = cls.INPUT_TYPES()["required"]["format"][1]["default"]
         assert default == expected and default in menu
+
+
+def test_recipe_menu_is_what_saved_workflows_store(comfy):
+    """The menu keeps its values and their order; each value but 'auto' is a recipe, and
+    every ComfyUI model config that auto-detection knows maps to one of them.
+    Shown able to fail: "pixart" listed before "sd3" in _DIFFUSION of engine/recipes.py ->
+    the menu reads [..., 'pixart', 'sd3', ...]; FAMILY_BY_CONFIG's "SD3": "sd35" in
+    nodes/quantize_model.py -> {'sd35', ...} is not within the menu."""
+    cls = type(comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]())
+    menu = cls.INPUT_TYPES()["required"]["recipe"][0]
+    assert menu == ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]
+    recipes = pack_module("backends.engine.recipes")
+    assert all(recipes.get_recipe(name).name == name for name in menu[1:])
+    assert set(pack_module("nodes.quantize_model").FAMILY_BY_CONFIG.values()) <= set(menu[1:])

@@ -2,11 +2,16 @@
 (full size, random weights), loaded by ComfyUI's own CLIP loaders."""
 from __future__ import annotations
 
+import json
+import os
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import pack_module
+from harness.draws import rel_err
 from harness.formats import cpu_format_ids
 from harness.noise_reference import noise_floor_error, output_error_band, recipe_checked_layers
 from harness.standin_clips import PROMPTS, encode, load_family_clip
@@ -35,10 +40,6 @@ def min_cosine(bits: float, deep: bool = False) -> float:
 
 def cosine(a, b):
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def quantize(comfy, clip, fmt, encoders="auto"):
@@ -89,7 +90,7 @@ def test_sd15_clip_l_every_format(comfy, sd15, fmt):
     floor = noise_floor_error(fresh.cond_stage_model, layers,
                               lambda: encode(fresh, PROMPTS[0])[0], ref_cond)
     low, high = output_error_band(floor)
-    err = rel(cond, ref_cond)
+    err = rel_err(cond, ref_cond)
     print(f"{fmt}: relative error {err:.5f}, float noise floor {floor:.5f}, ratio {err / floor:.2f}, "
           f"cosine {cosine(cond, ref_cond):.5f}")
     assert low <= err <= high, f"{fmt}: conditioning error {err:.5f} outside its band {low:.5f}-{high:.5f}"
@@ -160,6 +161,52 @@ def test_unknown_clip_type_is_an_error(comfy, sd15):
         quantize(comfy, clip, "torchao:int8wo")
 
 
+def test_encoders_menu_is_what_saved_workflows_store(comfy):
+    """The menu keeps its values and their order; each value names text-encoder recipes, and
+    Save Quantized Model knows a GGUF architecture for every encoder.
+    Shown able to fail: _TEXT_ENCODERS in engine/recipes.py listing t5xxl first -> the menu
+    reads [..., 'clip_g', 't5xxl', 'clip_l', ...]; ENCODER_ARCH in nodes/save_quantized_model.py
+    without "clip_g" -> {'clip_l', 't5xxl'} != the three encoders."""
+    cls = type(comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeTextEncoder"]())
+    menu = cls.INPUT_TYPES()["required"]["encoders"][0]
+    assert menu == ["auto", "all", "t5xxl", "clip_l", "clip_g", "clip_l+t5xxl", "clip_l+clip_g",
+                    "clip_g+t5xxl"]
+    encoders = pack_module("backends.engine.recipes").TEXT_ENCODERS
+    assert all(set(choice.split("+")) <= set(encoders) for choice in menu[2:])
+    assert set(pack_module("nodes.save_quantized_model").ENCODER_ARCH) == set(encoders)
+
+
+def comfy_encoder_layers(name):
+    """Names of the Linear and Conv layers of encoder `name` as ComfyUI builds it (two blocks,
+    on the meta device), relative to the encoder as its recipe matches them."""
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.text_encoders.t5
+    config_file, model = {"clip_l": ("sd1_clip_config.json", comfy.clip_model.CLIPTextModel),
+                          "clip_g": ("clip_config_bigg.json", comfy.clip_model.CLIPTextModel),
+                          "t5xxl": ("text_encoders/t5_config_xxl.json", comfy.text_encoders.t5.T5)}[name]
+    with open(os.path.join(os.path.dirname(comfy.clip_model.__file__), config_file)) as f:
+        config = {**json.load(f), "num_hidden_layers": 2, "num_layers": 2}
+    root = model(config, torch.float32, "meta", comfy.ops.manual_cast)
+    quantizable = pack_module("backends.engine.quantize").QUANTIZABLE
+    return [n for n, m in root.named_modules(prefix="transformer") if isinstance(m, quantizable)]
+
+
+def test_text_encoder_recipes_name_only_quantizable_layers(comfy):
+    r"""Every pattern of a text-encoder recipe matches a Linear or Conv layer of its encoder:
+    one that matches only embeddings or layer norms (never quantized) is dead.
+    Shown able to fail: clip_l's recipe given keep=(r"embeddings\.",) again -> "clip_l:
+    'embeddings\\.' matches no Linear or Conv layer"; t5xxl's given final_projection=
+    (r"(^|\.)final_layer_norm$",) again -> the same for t5xxl."""
+    recipes = pack_module("backends.engine.recipes")
+    for name in recipes.TEXT_ENCODERS:
+        layers = comfy_encoder_layers(name)
+        recipe = recipes.get_recipe(name)
+        for pattern in recipe.keep + recipe.final_projection:
+            assert any(re.search(pattern, layer) for layer in layers), \
+                f"{name}: {pattern!r} matches no Linear or Conv layer"
+
+
 @pytest.mark.slow
 def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
     """The output CLIP plugs into ComfyUI's family-specific encode nodes.
@@ -212,7 +259,7 @@ def test_pixart_t5xxl(comfy, t5_clip, fmt):
     assert quantized_encoders(new) == {"t5xxl"}
     cond, _ = encode(new, PROMPTS[0])
     bits = registry.get_format(fmt)[1].bits_per_weight
-    print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel(cond, ref_cond):.4f}; "
+    print(f"pixart t5xxl {fmt}: cosine {cosine(cond, ref_cond):.5f}, rel {rel_err(cond, ref_cond):.4f}; "
           f"{before / 2**30:.2f} GiB -> {new.patcher.model_size() / 2**30:.2f} GiB")
     assert torch.isfinite(cond).all()
     assert cosine(cond, ref_cond) >= min_cosine(bits, deep=True)
