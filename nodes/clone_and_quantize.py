@@ -77,7 +77,8 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
     settle_stored_dtypes(new_root)
     new_root.to(source.offload_device)
     new_root.device = source.offload_device
-    new_root.quantkit_reports = list(getattr(root, "quantkit_reports", [])) + [r.to_dict() for r in reports]
+    # shared with the source's, not copied: a report is never changed once attached
+    new_root.quantkit_reports = tuple(getattr(root, "quantkit_reports", ())) + tuple(reports)
     release_from_gpu(source)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -14,11 +14,11 @@ from ..backends.gguf.dequant import dequantize
 from ..backends.gguf.file import FLOAT_TYPES, read_gguf
 from ..backends.engine.modules import make_quantized
 from ..backends.engine.registry import get_format
-from ..backends.engine.report import KEPT, QUANTIZED, LayerRecord, QuantReport
 from .comfy_layers import LAYER_CLASSES
 from .comfy_patcher import (classic_patcher_kwargs, new_quantized_patcher, set_reload_recipe,
                             settle_stored_dtypes)
 from .gguf_loading_ops import gguf_loading_ops, lazy_layers, placeholder
+from .gguf_report import file_report
 from .model_paths import model_file
 
 GGUF_FOLDER = "quantkit_gguf"
@@ -58,13 +58,12 @@ def load_gguf_model(path: str):
         raise MalformedFile(f"{path}: ComfyUI does not recognise this model's architecture "
                             f"(GGUF architecture '{contents.architecture}'). Load GGUF Model reads "
                             f"diffusion models in ComfyUI's own key layout (as ComfyUI-GGUF's converter writes).")
-    report = QuantReport(target="diffusion model (GGUF file)", format_id="gguf", recipe="file",
-                         device="cpu")
-    swap_in_quantized(patcher.model.diffusion_model, source_of(sources, _tensor_lookup(contents)),
-                      path, report)
+    root, find = patcher.model.diffusion_model, source_of(sources, _tensor_lookup(contents))
+    swap_in_quantized(root, find, path)
     settle_stored_dtypes(patcher.model)
+    report = file_report(root, find, path, "diffusion model (GGUF file)")
     report.seconds = time.perf_counter() - start
-    patcher.model.quantkit_reports = [report.to_dict()]
+    patcher.model.quantkit_reports = (report,)
     quantized = new_quantized_patcher(patcher, patcher.model)
     set_reload_recipe(quantized, reloaded_gguf_model, (path,))
     return quantized, report
@@ -83,13 +82,11 @@ def source_of(sources, by_name):
     return find
 
 
-def swap_in_quantized(root, find, path: str, report: QuantReport) -> None:
+def swap_in_quantized(root, find, path: str) -> None:
     """Replaces root's lazy layers holding a quantized weight by quantized layers over the
-    file's bytes; records every Linear/Conv layer (quantized or float) in the report."""
-    types = set()
+    file's bytes."""
     for name, module in lazy_layers(root):
         tensor = find(module)
-        types.add(tensor.qtype)
         adapter, spec = get_format(f"gguf:{tensor.qtype}")
         problem = adapter.supports_shape(spec, torch.Size(tensor.shape))
         if problem:
@@ -97,27 +94,9 @@ def swap_in_quantized(root, find, path: str, report: QuantReport) -> None:
                                     f"{tensor.shape}) cannot be used: {problem}.")
         bias = module.bias.detach() if module.bias is not None else None
         new = make_quantized(module, adapter, spec, {"weight": tensor.data}, bias,
-                             layer_cls=LAYER_CLASSES, shape=tensor.shape, source_dtype=torch.float16)
+                             layer_cls=LAYER_CLASSES, shape=tensor.shape)
         _replace(root, name, new)
-        report.layers.append(LayerRecord(name, tuple(tensor.shape), QUANTIZED, spec.id, "",
-                                         torch.Size(tensor.shape).numel() * 2, new.stored_bytes()))
     link_decode_groups(root)
-    recorded = {r.name for r in report.layers}
-    for n, m in root.named_modules():
-        if getattr(m, "gguf_weight", None) is not None or not hasattr(m, "has_bias"):
-            continue
-        if m.weight is None:
-            raise MalformedFile(f"{path}: layer {n} got no weight from the file.")
-        size = sum(p.nelement() * p.element_size() for p in m.parameters(recurse=False))
-        tensor = find(m)  # None: from a .safetensors file beside the .gguf
-        qtype = tensor.qtype if tensor is not None else str(m.weight.dtype).removeprefix("torch.")
-        types.add(qtype)
-        report.layers.append(LayerRecord(n, tuple(m.weight.shape), KEPT, None,
-                                         f"stored as {qtype} in the file", size, size))
-        recorded.add(n)
-    report.format_id = "types " + ", ".join(sorted(types))
-    report.other_bytes += sum(p.nelement() * p.element_size() for n, p in root.named_parameters()
-                              if n.rpartition(".")[0] not in recorded)
 
 
 def _tensor_lookup(contents):

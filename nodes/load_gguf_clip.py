@@ -14,10 +14,10 @@ import folder_paths
 from ..backends.engine.errors import MalformedFile
 from ..backends.gguf.file import read_gguf
 from ..backends.gguf.names import EMBEDDING_NAMES, is_llama_cpp_t5, rename_llama_cpp_t5
-from ..backends.engine.report import QuantReport
 from ..backends.engine.safetensors_file import read_safetensors
 from .comfy_patcher import new_quantized_patcher, set_reload_recipe, settle_stored_dtypes
 from .gguf_loading_ops import gguf_loading_ops
+from .gguf_report import file_report
 from .load_gguf import build_state_dict, source_of, swap_in_quantized
 from .model_paths import model_file
 
@@ -63,11 +63,12 @@ def load_gguf_clip(paths, clip_type: str):
     def by_name(key):
         raise MalformedFile(f"{', '.join(paths)}: no tensor for text-encoder weight {key}.")
 
-    report = QuantReport(target="text encoders (GGUF file)", format_id="gguf", recipe="file", device="cpu")
-    swap_in_quantized(clip.cond_stage_model, source_of(sources, by_name), ", ".join(paths), report)
-    settle_stored_dtypes(clip.cond_stage_model)
+    root, find, where = clip.cond_stage_model, source_of(sources, by_name), ", ".join(paths)
+    swap_in_quantized(root, find, where)
+    settle_stored_dtypes(root)
+    report = file_report(root, find, where, "text encoders (GGUF file)")
     report.seconds = time.perf_counter() - start
-    clip.cond_stage_model.quantkit_reports = [report.to_dict()]
+    root.quantkit_reports = (report,)
     clip.patcher = new_quantized_patcher(clip.patcher, clip.cond_stage_model)
     set_reload_recipe(clip.patcher, reloaded_gguf_clip_patcher, (tuple(paths), clip_type))
     return clip, report

@@ -23,7 +23,7 @@ class Component:
     model_class: str
     census: TreeCensus
     loaded_on: Optional[str]  # the device ComfyUI loaded it for; None when not loaded
-    quantkit_reports: list  # QuantReport.to_dict() of each Quantize node that made it
+    quantkit_reports: tuple  # the QuantReport of each QuantKit node that made it
     wired: bool
     loaded_bytes: int = 0  # what ComfyUI says it has loaded onto the device (patcher.loaded_size())
     dynamic: bool = False  # loaded by Dynamic VRAM: weights stay in RAM, the GPU holds staged copies
@@ -76,7 +76,7 @@ def _component(name, module, loaded, wired) -> Component:
     patcher, device = loaded if loaded else (None, None)
     dynamic = bool(patcher is not None and getattr(patcher, "is_dynamic", lambda: False)())
     return Component(name=name, model_class=type(module).__name__, census=census_tree(module),
-                     loaded_on=device, quantkit_reports=list(getattr(module, "quantkit_reports", [])),
+                     loaded_on=device, quantkit_reports=tuple(getattr(module, "quantkit_reports", ())),
                      wired=wired, loaded_bytes=int(patcher.loaded_size()) if patcher is not None else 0,
                      dynamic=dynamic)
 

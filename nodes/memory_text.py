@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ..backends.engine.report import FALLBACK, KEPT, QUANTIZED
+from ..backends.engine.report import QuantReport
 from .memory_census import Component, MemorySnapshot
 
 _BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB")
@@ -50,13 +50,10 @@ def device_lines(snap: MemorySnapshot) -> List[str]:
     return lines
 
 
-def quantkit_line(report: dict) -> str:
-    actions = [layer.get("action") for layer in report.get("layers", [])]
-    return (f"quantized by QuantKit: {report.get('target', '?')} -> {report.get('format_id', '?')} "
-            f"({report.get('recipe', '?')} recipe): {actions.count(QUANTIZED)} layers quantized, "
-            f"{actions.count(FALLBACK)} fallback, {actions.count(KEPT)} kept; "
-            f"{format_bytes(report.get('bytes_before', 0))} -> {format_bytes(report.get('bytes_after', 0))} "
-            f"in {report.get('seconds', 0.0):.2f} s on {report.get('device', '?')}")
+def quantkit_line(report: QuantReport) -> str:
+    return (f"quantized by QuantKit: {report.target} -> {report.format_id} ({report.recipe} recipe): "
+            f"{report.counts_text()}; {report.sizes_text(format_bytes)} "
+            f"in {report.seconds:.2f} s on {report.device}")
 
 
 def component_lines(c: Component, has_gpu: bool) -> List[str]:

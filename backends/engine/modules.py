@@ -29,12 +29,11 @@ class QuantizedLayer(nn.Module):
     decode_index = 0
 
     def __init__(self, adapter: BackendAdapter, spec: FormatSpec, shape, parts: dict,
-                 bias: Optional[torch.Tensor], source_dtype: torch.dtype):
+                 bias: Optional[torch.Tensor]):
         super().__init__()
         self.adapter = adapter
         self.spec = spec
         self.weight_shape = torch.Size(shape)
-        self.source_dtype = source_dtype
         self._part_names = tuple(parts)
         for part, tensor in parts.items():
             self.register_parameter(_part_param_name(part), nn.Parameter(tensor, requires_grad=False))
@@ -99,8 +98,8 @@ def _cpu_half(x: torch.Tensor) -> bool:
 
 
 class QuantizedLinear(QuantizedLayer):
-    def __init__(self, adapter, spec, shape, parts, bias, source_dtype):
-        super().__init__(adapter, spec, shape, parts, bias, source_dtype)
+    def __init__(self, adapter, spec, shape, parts, bias):
+        super().__init__(adapter, spec, shape, parts, bias)
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +119,8 @@ class QuantizedConv(QuantizedLayer):
 
     _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
-    def __init__(self, adapter, spec, shape, parts, bias, source_dtype, conv: nn.modules.conv._ConvNd):
-        super().__init__(adapter, spec, shape, parts, bias, source_dtype)
+    def __init__(self, adapter, spec, shape, parts, bias, conv: nn.modules.conv._ConvNd):
+        super().__init__(adapter, spec, shape, parts, bias)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
@@ -142,15 +141,13 @@ class QuantizedConv(QuantizedLayer):
 
 
 def make_quantized(module: nn.Module, adapter: BackendAdapter, spec: FormatSpec, parts: dict,
-                   bias: Optional[torch.Tensor], layer_cls=None, shape=None,
-                   source_dtype=None) -> QuantizedLayer:
+                   bias: Optional[torch.Tensor], layer_cls=None, shape=None) -> QuantizedLayer:
     """A quantized stand-in for `module` (a Linear or Conv). `layer_cls` lets a host
-    supply subclasses with its own hooks; `shape`/`source_dtype` describe the float
-    weight when the module holds none (a layer read from a quantized file)."""
+    supply subclasses with its own hooks; `shape` is the float weight's when the module
+    holds none (a layer read from a quantized file)."""
     shape = module.weight.shape if shape is None else torch.Size(shape)
-    source_dtype = source_dtype or module.weight.dtype
     if isinstance(module, nn.Linear):
         cls = layer_cls[0] if layer_cls else QuantizedLinear
-        return cls(adapter, spec, shape, parts, bias, source_dtype)
+        return cls(adapter, spec, shape, parts, bias)
     cls = layer_cls[1] if layer_cls else QuantizedConv
-    return cls(adapter, spec, shape, parts, bias, source_dtype, module)
+    return cls(adapter, spec, shape, parts, bias, module)

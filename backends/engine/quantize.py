@@ -15,7 +15,7 @@ from .errors import QuantKitError
 from .modules import make_quantized
 from .recipes import Recipe
 from .registry import check_usable, get_format
-from .report import FALLBACK, KEPT, QUANTIZED, LayerRecord, QuantReport
+from .report import FALLBACK, KEPT, QUANTIZED, QuantReport
 
 log = logging.getLogger("quantkit")
 
@@ -106,21 +106,21 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
                          device=str(work_device))
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
     in_layers = {id(m) for _, m in layers}
-    for n, m in root.named_modules():
-        if id(m) not in in_layers:
-            report.other_bytes += sum(_nbytes(p) for p in m.parameters(recurse=False))
+    report.record_other(p for m in root.modules() if id(m) not in in_layers
+                        for p in m.parameters(recurse=False))
     start = time.perf_counter()
     for i, (name, module) in enumerate(layers):
         action, use_spec, reason = plan_layer(name, module, adapter, spec, recipe, exclude)
+        values = module.weight.nelement() + (0 if module.bias is None else module.bias.nelement())
         before = _nbytes(module.weight) + _nbytes(module.bias)
         if use_spec is None:
-            report.layers.append(LayerRecord(name, tuple(module.weight.shape), KEPT, None, reason,
-                                             before, before))
+            report.record(name, module.weight.shape, KEPT, None, reason, values=values,
+                          stored_bytes=before, source_bytes=before)
         else:
             new = _quantize_layer(name, module, adapter, use_spec, work_device, weight_of, layer_cls)
             _set_child(root, name, new)
-            report.layers.append(LayerRecord(name, tuple(module.weight.shape), action, use_spec.id,
-                                             reason, before, new.stored_bytes()))
+            report.record(name, module.weight.shape, action, use_spec.id, reason, values=values,
+                          stored_bytes=new.stored_bytes(), source_bytes=before)
         if progress is not None:
             progress(i + 1, len(layers))
     link_decode_groups(root)

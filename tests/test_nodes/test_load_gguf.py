@@ -2,12 +2,19 @@
 back into the same quantized layers, bytes and outputs; bad files give clear errors."""
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
+import gguf
+from gguf.quants import quantize as np_quantize
+
 from conftest import pack_module
 from harness.draws import rel_err
-from harness.tiny_models import denoise, sample_eager_and_compiled, sd3_inputs, tiny_sd3_patcher
+from harness.tiny_models import (denoise, sample_eager_and_compiled, sd3_inputs, tiny_sd3_patcher,
+                                 tiny_sd3_state_dict)
 
 modules = pack_module("backends.engine.modules")
 errors = pack_module("backends.engine.errors")
@@ -69,6 +76,69 @@ def test_lora_applies_to_a_loaded_gguf_model(comfy, gguf_file):
     inputs = sd3_inputs()
     assert rel_err(denoise(patched, inputs), denoise(model, inputs)) > 0.01
     assert w.dtype == torch.uint8
+
+
+# layer -> the type its weight is written in; biases and every other tensor as in
+# _write_typed: 1-D F32, the rest F16
+TYPED_LAYERS = {"joint_blocks.1.x_block.mlp.fc1": "Q8_0", "joint_blocks.1.x_block.mlp.fc2": "BF16",
+                "joint_blocks.1.context_block.mlp.fc1": "F32"}
+GGUF_BYTES = {"Q8_0": (32, 34), "BF16": (1, 2), "F32": (1, 4)}  # (weights, bytes) per block
+
+
+def _write_typed(path, sd):
+    """With gguf-py alone: the weights of TYPED_LAYERS in their type, 1-D tensors F32,
+    everything else F16."""
+    writer = gguf.GGUFWriter(str(path), "sd3")
+    for key, tensor in sorted(sd.items()):
+        array = tensor.float().numpy()
+        qtype = TYPED_LAYERS.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        if qtype is not None:
+            data = np_quantize(array, gguf.GGMLQuantizationType[qtype])
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        else:
+            writer.add_tensor(key, array if tensor.dim() <= 1 else array.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_report_of_a_file_counts_its_bytes_against_16_bits(comfy, base_dir):
+    """A file has no float source: each layer's bytes are compared with the same values at
+    16 bits (2 bytes each), and the text says so; stored bytes are each type's. Expected
+    figures come from the shapes and GGUF's block sizes only.
+    Shown able to fail: file_report (nodes/gguf_report.py) recording a quantized layer's
+    `values` without its bias -> the Q8_0 layer's bytes_before is 524288, not 526336;
+    QuantReport.sizes_text without " at 16 bits" -> the text assertions fail."""
+    sd = tiny_sd3_state_dict(seed=13)
+    folder = base_dir / "models" / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_typed(folder / "typed_layers.gguf", sd)
+    model, text = load(comfy, "typed_layers.gguf")
+    report, = model.model.quantkit_reports
+    records = {r.name: r for r in report.layers}
+    for name, qtype in TYPED_LAYERS.items():
+        weights, bias = sd[f"{name}.weight"].numel(), sd[f"{name}.bias"].numel()
+        per_block, block_bytes = GGUF_BYTES[qtype]
+        record = records[name]
+        assert record.bytes_after == weights // per_block * block_bytes + 4 * bias, (name, qtype)
+        assert record.bytes_before == 2 * (weights + bias), (name, qtype)
+        assert (record.action, record.format_id) == (("quantized", "gguf:Q8_0") if qtype == "Q8_0"
+                                                     else ("kept", None)), name
+    q8 = records["joint_blocks.1.x_block.mlp.fc1"]
+    assert report.bytes_by_format()["gguf:Q8_0"] == q8.bytes_after, "the only Q8_0 layer"
+    assert report.format_id == "types BF16, F16, F32, Q8_0"
+    parameters = sum(t.numel() for k, t in sd.items() if k != "pos_embed")  # a buffer, not counted
+    assert report.bytes_before == 2 * parameters, "every parameter at 16 bits"
+    mib = report.bytes_before / 2**20
+    assert f"; {mib:.1f} MiB at 16 bits -> " in text, text
+    snap = pack_module("nodes.memory_census").take_snapshot("t", model=model)
+    memory_text = pack_module("nodes.memory_text")
+    line = memory_text.quantkit_line(report)
+    assert f"{memory_text.format_bytes(report.bytes_before)} at 16 bits -> " in line
+    assert line in memory_text.report_text(snap)
+    copied = copy.deepcopy(model.model.quantkit_reports)  # what a deep copy of the model does to it
+    assert copied == model.model.quantkit_reports and memory_text.quantkit_line(copied[0]) == line
 
 
 @pytest.mark.parametrize("content,match", [

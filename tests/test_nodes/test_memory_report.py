@@ -48,7 +48,7 @@ def tiny(comfy):
               "parameters": sum(p.numel() for p in root.parameters())}
     report = quantize_mod.quantize_tree(root, INT8, recipes.get_recipe("generic"), target="tiny net",
                                         layer_cls=pack_module("nodes.comfy_layers").LAYER_CLASSES)
-    root.quantkit_reports = [report.to_dict()]
+    root.quantkit_reports = (report,)  # as the Quantize nodes attach it
     return cpu_patcher(root), before
 
 
