@@ -13,18 +13,7 @@ import torch
 
 from ..engine.errors import FormatUnsupported, MalformedFile
 from ..kernels.fast_linear import decode_gguf_blocks
-
-QK_K = 256
-
-# type name -> (weights per block, bytes per block)
-BLOCK_SIZES: Dict[str, tuple] = {
-    "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_0": (32, 18), "Q4_1": (32, 20),
-    "Q6_K": (QK_K, 210), "Q5_K": (QK_K, 176), "Q4_K": (QK_K, 144), "Q3_K": (QK_K, 110),
-    "Q2_K": (QK_K, 84), "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
-}
-FLOAT_TYPES: Dict[str, torch.dtype] = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-}
+from .types import BLOCK_SIZES, FLOAT_TYPES, QK_K, QUANTIZED
 
 
 # -- byte helpers ------------------------------------------------------------------------
@@ -175,13 +164,8 @@ def dequant_iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 Dequantizer = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
-DEQUANTIZERS: Dict[str, Dequantizer] = {
-    "Q8_0": dequant_q8_0, "Q5_0": dequant_q5_0, "Q5_1": dequant_q5_1,
-    "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1,
-    "Q6_K": dequant_q6_k, "Q5_K": dequant_q5_k, "Q4_K": dequant_q4_k,
-    "Q3_K": dequant_q3_k, "Q2_K": dequant_q2_k,
-    "IQ4_NL": dequant_iq4_nl, "IQ4_XS": dequant_iq4_xs,
-}
+# types.py names each type's decoder; a name missing here fails at import
+DEQUANTIZERS: Dict[str, Dequantizer] = {n: globals()[t.dequantizer] for n, t in QUANTIZED.items()}
 
 
 def dequantize(raw: torch.Tensor, qtype: str, shape: Sequence[int],

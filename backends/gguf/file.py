@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from ..engine.errors import FormatUnsupported, MalformedFile
-from .dequant import BLOCK_SIZES, FLOAT_TYPES
 from .header import MAX_DIMS, REDO as _REDO, TensorInfo as GGUFTensorInfo, parse_header
 from .library import GGUF_REQUIREMENT, gguf_py as _gguf
+from .types import BLOCK_SIZES, FLOAT_TYPES, GGML_TYPES
 
 log = logging.getLogger(__name__)
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
-SUPPORTED_TYPES = (*FLOAT_TYPES, *BLOCK_SIZES)
+SUPPORTED_TYPES = tuple(GGML_TYPES)
 
 
 @dataclass

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..engine.errors import FormatUnsupported, MalformedFile
-from .dequant import BLOCK_SIZES, FLOAT_TYPES
 from .library import gguf_py
+from .types import GGML_TYPES
 
 REDO = "Download or export the file again."
 MAX_ARRAY_ITEMS = 4096  # longer metadata arrays (tokenizer vocabularies) are not materialised
 MAX_DIMS = 8  # ggml uses 4; allow some room, reject nonsense
 _MAX_NESTING = 4
-_FLOAT_LAYOUT = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2)}  # (block_len, type_size)
 
 # GGUF value type id -> (name, struct format); 8 = string, 9 = array
 _SCALARS = {0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"),
@@ -126,10 +125,9 @@ def type_name(type_id: int) -> Optional[str]:
 
 def layout(qtype: str) -> Optional[Tuple[int, int]]:
     """(block_len, type_size) of a type QuantKit or gguf-py decodes, or None."""
-    if qtype in BLOCK_SIZES:
-        return BLOCK_SIZES[qtype]
-    if qtype in _FLOAT_LAYOUT:
-        return _FLOAT_LAYOUT[qtype]
+    known = GGML_TYPES.get(qtype)
+    if known is not None:
+        return known.block_len, known.type_size
     gguf = gguf_py()
     return gguf.GGML_QUANT_SIZES.get(getattr(gguf.GGMLQuantizationType, qtype))
 
@@ -188,7 +186,7 @@ def _tensor_info(cur: _Cursor, path: str, i: int) -> Tuple[str, str, Tuple[int, 
     if lay is None:
         raise FormatUnsupported(f"{path}: {what} is stored as {qtype}, which neither QuantKit "
                                 f"nor the installed gguf package can decode (QuantKit reads "
-                                f"{', '.join((*FLOAT_TYPES, *BLOCK_SIZES))}). Use a file "
+                                f"{', '.join(GGML_TYPES)}). Use a file "
                                 f"quantized to one of these types.")
     if 0 in dims:
         raise cur.error(f"{what} has a dimension of 0 (shape {list(reversed(dims))}), so it "

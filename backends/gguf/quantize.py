@@ -9,23 +9,12 @@ all blocks at once: Python loops run over candidates and row chunks, never block
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict
 
 import torch
 
 from ..engine.errors import FormatUnsupported
-from .dequant import BLOCK_SIZES
-
-
-class QuantType(NamedTuple):
-    block_len: int  # weights per block
-    type_size: int  # bytes per block
-    bits_per_weight: float  # stored bits per weight, scales included
-
-
-QUANT_TYPES: Dict[str, QuantType] = {
-    name: QuantType(bl, ts, ts * 8 / bl) for name, (bl, ts) in BLOCK_SIZES.items()
-}
+from .types import BLOCK_SIZES, QUANTIZED
 
 # Candidate offsets added to the top quantized level when choosing a sub-block scale
 # (0 = the plain range / levels scale); ggml's reference searches a similar range.
@@ -273,12 +262,9 @@ def quant_q2_k(x: torch.Tensor) -> torch.Tensor:
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
-QUANTIZERS: Dict[str, Quantizer] = {
-    "Q8_0": quant_q8_0, "Q5_0": quant_q5_0, "Q5_1": quant_q5_1,
-    "Q4_0": quant_q4_0, "Q4_1": quant_q4_1,
-    "Q6_K": quant_q6_k, "Q5_K": quant_q5_k, "Q4_K": quant_q4_k,
-    "Q3_K": quant_q3_k, "Q2_K": quant_q2_k,
-}
+# types.py names each writable type's encoder; a name missing here fails at import
+QUANTIZERS: Dict[str, Quantizer] = {n: globals()[t.quantizer] for n, t in QUANTIZED.items()
+                                    if t.quantizer}
 
 
 def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -291,7 +277,7 @@ def quantize(weight: torch.Tensor, qtype: str) -> torch.Tensor:
         raise FormatUnsupported(f"GGUF quantization takes a 2-D [rows, cols] weight, got shape "
                                 f"{list(weight.shape)}. Flatten dims 1.. first.")
     rows, cols = weight.shape
-    block_len, type_size = QUANT_TYPES[qtype][:2]
+    block_len, type_size = BLOCK_SIZES[qtype]
     if cols % block_len:
         raise FormatUnsupported(f"GGML {qtype} packs rows in blocks of {block_len} weights, but "
                                 f"this weight has {cols} columns. Keep this layer in high "

@@ -12,14 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gguf.types import QUANTIZED
 from .triton_8bit import _launch
 
-# GGML type -> (kernel id, weights per block, bytes per block)
-TYPES = {
-    "Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q5_0": (3, 32, 22),
-    "Q5_1": (4, 32, 24), "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210),
-    "Q3_K": (8, 256, 110), "Q2_K": (9, 256, 84),
-}
+# GGML type -> (kernel id, weights per block, bytes per block); an id selects a KIND branch
+# of _decode_elements
+TYPES = {t.name: (t.kernel_id, t.block_len, t.type_size)
+         for t in QUANTIZED.values() if t.kernel_id is not None}
 _ELEMENTS_PER_PROGRAM = 1024
 
 

@@ -50,8 +50,8 @@ def test_every_type_quantkit_makes_has_a_kernel():
     """The kernel's own type table (triton_gguf.TYPES) covers every type we quantize to, with
     gguf-py's block sizes; the read-only IQ4 types decode with torch ops.
     Shown able to fail: QUANTIZERS gaining "IQ4_NL" (no kernel) -> extra item 'IQ4_NL'.
-    (Dropping "Q2_K" from triton_gguf.TYPES, or a wrong block size there, already fails at
-    import: triton_grouped checks its copy of the table.)"""
+    (triton_gguf.TYPES derives from backends/gguf/types.py, which test_gguf_types checks
+    against gguf-py.)"""
     kernels = pack_module("backends.kernels.triton_gguf")
     assert set(kernels.TYPES) == set(KERNEL_TYPES)
     assert set(pack_module("backends.gguf.quantize").QUANTIZERS) == set(KERNEL_TYPES)

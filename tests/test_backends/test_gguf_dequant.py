@@ -25,13 +25,6 @@ def reference(raw: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(np_dequantize(raw.numpy(), gguf.GGMLQuantizationType[name]))
 
 
-def test_tables_agree_with_gguf_py():
-    """Shown able to fail: BLOCK_SIZES["Q4_K"] = (QK_K, 146) -> differs from gguf-py's
-    GGML_QUANT_SIZES (256, 144)."""
-    for name, (block_len, type_size) in dq.BLOCK_SIZES.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block_len, type_size)
-
-
 @pytest.mark.parametrize("name", TYPES, ids=TYPES)
 def test_random_bytes_decode_like_gguf_py(name):
     """Every bit pattern, not just ones our quantizer makes; fp16 scales may be inf/nan

@@ -18,6 +18,7 @@ registry = pack_module("backends.engine.registry")
 
 gq = pack_module("backends.gguf.quantize")
 dq = pack_module("backends.gguf.dequant")
+gt = pack_module("backends.gguf.types")
 errors = pack_module("backends.engine.errors")
 backend = pack_module("backends.gguf.adapter")
 
@@ -98,7 +99,7 @@ def measured(weights):
 def test_sizes_and_bits_per_weight(name):
     """Shown able to fail: quant_q4_k without its _f16_bytes(dmin) field -> quantize()
     cannot fit Q4_K's 142-byte blocks into 144-byte ones (RuntimeError)."""
-    qt = gq.QUANT_TYPES[name]
+    qt = gt.QUANTIZED[name]
     assert qt.bits_per_weight == BITS[name]
     rows, cols = 3, 4 * qt.block_len
     raw = gq.quantize(torch.randn(rows, cols), name)
@@ -158,7 +159,7 @@ def test_degenerate_rows(name):
     ramp stays in the Gaussian band (measured at most 0.45 of its top).
     Shown able to fail: _safe_inv returning 1 / d -> Q5_K's constant row of 0.5 decodes
     with relative error 1.0."""
-    block = gq.QUANT_TYPES[name].block_len
+    block = gt.QUANTIZED[name].block_len
     w = torch.zeros(5, 2 * block)
     w[1] = 0.5  # constant positive
     w[2] = -0.25  # constant negative
@@ -199,7 +200,7 @@ def test_adapter_formats():
     for name, spec in ADAPTER.formats.items():
         assert spec.id == f"gguf:{name}"
         assert spec.bits_per_weight == BITS[name]
-        assert spec.block_size == gq.QUANT_TYPES[name].block_len
+        assert spec.block_size == gt.QUANTIZED[name].block_len
         assert spec.keep_final_projection == (name in ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", *READ_ONLY))
         if name.endswith("_K"):
             fallback = ADAPTER.formats[spec.fallback]
