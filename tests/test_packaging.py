@@ -120,19 +120,23 @@ menu = node.INPUT_TYPES()["required"]["format"][0]
 assert "torchao:int8wo" in menu and "gguf:Q8_0" in menu, "every format stays in the menu"
 model = tiny_sd3_patcher()
 assert node.quantize(model, "gguf:Q8_0", "auto")["result"][0] is not model
-try:
-    node.quantize(model, "torchao:int8wo", "auto")
-except Exception as exc:
-    print("ERROR", type(exc).__name__, exc)
-else:
-    raise AssertionError("torchao:int8wo ran without torchao")
+assert node.quantize(model, "torchao:int8dq", "auto")["result"][0] is not model  # written in torch
+for fmt in ("torchao:int4wo", "bnb:nf4", "quanto:int8"):
+    try:
+        node.quantize(model, fmt, "auto")
+    except Exception as exc:
+        print("ERROR", fmt, type(exc).__name__, exc)
+    else:
+        raise AssertionError(f"{fmt} ran without its package")
 """
 
 
 def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
     """torchao, bitsandbytes and optimum-quanto are optional (pyproject extras): without
-    them the nodes register, GGUF formats work and their formats say what to install.
-    Shown able to fail: an unguarded top-level `import torchao` in the pack breaks the load."""
+    them the nodes register, GGUF formats and torchao's 8-bit schemes (written in torch)
+    work, and the formats that need a package say what to install.
+    Shown able to fail: an unguarded top-level `import torchao` in the pack breaks the load;
+    needs_package=False dropped from torchao.py's int8dq row -> int8dq raises BackendUnavailable."""
     import os
     import subprocess
     import sys
@@ -142,8 +146,9 @@ def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               filter(None, [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 0, done.stderr[-3000:]
-    error = [l for l in done.stdout.splitlines() if l.startswith("ERROR")]
-    assert error and "torchao" in error[0] and "pip install" in error[0], done.stdout[-2000:]
+    errors = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("ERROR")}
+    for fmt, package in (("torchao:int4wo", "torchao"), ("bnb:nf4", "bitsandbytes"), ("quanto:int8", "optimum-quanto")):
+        assert fmt in errors and f"pip install {package}" in errors[fmt], done.stdout[-2000:]
 
 
 def test_optional_backends_are_extras_and_published_archive_is_lean():

@@ -36,6 +36,7 @@ class FormatSpec:
     conv_ok: bool = True  # can hold convolution weights
     keep_final_projection: bool = False  # 4-bit: leave the output projection in high precision
     read_only: bool = False  # read from files only: QuantKit has no quantizer for it
+    needs_package: bool = True  # False: written in torch alone, the backend's package is not needed
 
     def __post_init__(self):
         if self.bits_per_weight <= 0 or self.bits_per_weight > 16:
@@ -73,10 +74,13 @@ class BackendAdapter(ABC):
     formats: Mapping[str, FormatSpec] = {}
 
     # -- availability -------------------------------------------------------------
-    def missing_package(self) -> Optional[str]:
-        """A message naming what to install, or None when the package imports."""
+    def missing_package(self, spec: Optional[FormatSpec] = None) -> Optional[str]:
+        """A message naming what to install, or None when the package imports (or when
+        `spec` is given and does not need it)."""
         from .registry import import_problem  # local: avoids an import cycle
 
+        if spec is not None and not spec.needs_package:
+            return None
         return import_problem(self.package, self.pip_requirement, self.name)
 
     # -- the work -----------------------------------------------------------------

@@ -94,12 +94,12 @@ def import_problem(package: str, requirement: str, backend: str) -> Optional[str
 
 
 def usable_problem(adapter: BackendAdapter, spec: FormatSpec, device) -> Optional[str]:
-    return adapter.missing_package() or hardware_problem(spec, torch.device(device))
+    return adapter.missing_package(spec) or hardware_problem(spec, torch.device(device))
 
 
 def check_usable(adapter: BackendAdapter, fmt: str, device) -> FormatSpec:
     spec = require_format(adapter, fmt)
-    missing = adapter.missing_package()
+    missing = adapter.missing_package(spec)
     if missing:
         raise BackendUnavailable(missing)
     hw = hardware_problem(spec, torch.device(device))
@@ -114,7 +114,7 @@ def _alternatives_hint(spec: FormatSpec, device) -> str:
     alternatives = [s.id for a in adapters().values() for s in a.formats.values()
                     if s.id != spec.id and not s.read_only
                     and abs(s.bits_per_weight - spec.bits_per_weight) <= 1.5
-                    and hardware_problem(s, torch.device(device)) is None and installed(a.package)]
+                    and hardware_problem(s, torch.device(device)) is None and (not s.needs_package or installed(a.package))]
     return f" Try {' or '.join(repr(a) for a in alternatives[:3])}." if alternatives else ""
 
 

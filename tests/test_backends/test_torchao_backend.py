@@ -14,7 +14,7 @@ base = pack_module("backends.engine.base")
 
 
 def test_int8_values_equal_torchaos_affine_quantization():
-    """Shown able to fail: / 127.0 -> / 126.0 in torchao.py's _quantize_int8 -> the scales
+    """Shown able to fail: / 127.0 -> / 126.0 in torchao.py's _Int8Rows.quantize -> the scales
     differ from choose_qparams_affine's (allclose fails)."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
     adapter, spec = registry.get_format("torchao:int8wo")
@@ -27,6 +27,26 @@ def test_int8_values_equal_torchaos_affine_quantization():
     assert torch.allclose(ours["scale"], scale.reshape(-1))
     assert (ours["weight"].int() - theirs.int()).abs().max() <= 1  # rounding ties at most
     assert (ours["weight"] != theirs).float().mean() < 1e-3
+
+
+def test_only_int4_needs_the_torchao_package(monkeypatch):
+    """The 8-bit formats are torchao's schemes written in torch: with torchao not installed
+    they quantize and compute; int4wo (torchao's quantizer) says what to install.
+    Shown able to fail: needs_package=False dropped from torchao.py's int8dq row ->
+    BackendUnavailable 'needs ... torchao' for int8dq; the `spec` argument dropped from
+    check_usable's missing_package call in engine/registry.py -> the same for every format."""
+    errors = pack_module("backends.engine.errors")
+    adapter = registry.get_adapter("torchao")
+    monkeypatch.setattr(adapter, "package", "torchao_not_installed_xyz")
+    monkeypatch.setattr(registry, "_IMPORT_CACHE", {})
+    w = gaussian((64, 128), 0)
+    x = torch.randn((4, 128), generator=torch.Generator().manual_seed(1))
+    for name in ("int8wo", "int8dq", "fp8wo"):
+        spec = registry.check_usable(adapter, name, "cpu")
+        y = adapter.linear(x, adapter.quantize(w, spec), spec, w.shape, None)
+        assert rel_err(y, x @ w.t()) < 0.05, name  # it computes (fidelity: the band tests)
+    with pytest.raises(errors.BackendUnavailable, match=r"pip install torchao>=0\.10\.0"):
+        registry.check_usable(adapter, "int4wo", "cpu")
 
 
 @pytest.mark.parametrize("name", ["fp8dq", "int4wo"])
