@@ -47,7 +47,7 @@ def test_gguf_requirement_is_stated_once_and_the_files_repeat_it_exactly():
     assert registry.get_adapter("gguf").pip_requirement == requirement
 
 
-def test_backends_never_import_comfy():
+def test_no_backend_module_imports_comfy():
     """Shown able to fail: `import comfy.utils` (even under `if False:`) added to
     backends/gguf/library.py -> "library.py imports ['comfy.utils']"."""
     for path in (REPO_ROOT / "backends").rglob("*.py"):

@@ -50,7 +50,7 @@ def test_every_type_quantkit_makes_has_a_kernel():
     """The kernel's own type table (triton_gguf.TYPES) covers every type we quantize to, with
     gguf-py's block sizes; the read-only IQ4 types decode with torch ops.
     Shown able to fail: QUANTIZERS gaining "IQ4_NL" (no kernel) -> extra item 'IQ4_NL'.
-    (triton_gguf.TYPES derives from backends/gguf/types.py, which test_gguf_types checks
+    (triton_gguf.TYPES derives from backends/gguf/types.py, which test_gguf/test_types.py checks
     against gguf-py.)"""
     kernels = pack_module("backends.kernels.triton_gguf")
     assert set(kernels.TYPES) == set(KERNEL_TYPES)

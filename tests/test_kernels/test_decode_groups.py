@@ -3,7 +3,7 @@ weight-only layers decode their weights in one launch and take their slices of o
 
 On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess; the
 group's "runs here" gate is opened for CPU tensors there); the GPU machine runs it compiled
-(test_gpu_fast_linear.py). Expected weights come from gguf-py's numpy decoders and a float
+(test_gpu_decode_groups.py). Expected weights come from gguf-py's numpy decoders and a float
 computation of q * scale, not from the per-layer decoder the layers use otherwise.
 """
 from __future__ import annotations

@@ -3,6 +3,8 @@ name recipes naming real ones. Pure torch, no ComfyUI (the menus built from the 
 tested with their nodes)."""
 from __future__ import annotations
 
+import pytest
+
 from conftest import pack_module
 
 recipes = pack_module("backends.engine.recipes")
@@ -25,3 +27,11 @@ def test_every_gguf_architecture_uses_a_diffusion_recipe():
     not in the diffusion recipes."""
     for arch, recipe in convert.ARCHITECTURES.items():
         assert recipe in recipes.DIFFUSION_RECIPES, f"{arch}: '{recipe}' is not a diffusion recipe"
+
+
+def test_unknown_recipe_is_a_quantkit_error_naming_the_known_ones():
+    """Shown able to fail: Known recipes: {sorted(RECIPES)} in engine/recipes.py's get_recipe
+    -> the message no longer reads "sd15, sdxl" (regex does not match)."""
+    errors = pack_module("backends.engine.errors")
+    with pytest.raises(errors.QuantKitError, match=r"Unknown recipe 'sd9'\. Known recipes: sd15, sdxl"):
+        recipes.get_recipe("sd9")

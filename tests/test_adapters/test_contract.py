@@ -21,9 +21,6 @@ from harness.tiny_models import heavy_tailed
 registry = pack_module("backends.engine.registry")
 base = pack_module("backends.engine.base")
 modules = pack_module("backends.engine.modules")
-quantize = pack_module("backends.engine.quantize")
-recipes = pack_module("backends.engine.recipes")
-clone = pack_module("backends.engine.clone")
 
 CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
 
@@ -106,52 +103,3 @@ def test_quantized_conv_matches_dequantized_math(fmt):
     assert rel_err(q(x), exact) < 1.25 * weight_err + 1e-5
     # PyTorch's default conv init is uniform: within the Gaussian band's upper edge
     assert rel_err(q(x), exact) < 1.25 * weight_error_band(spec.id, spec.bits_per_weight)[1] + 1e-5
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(100, 256)
-        self.norm = nn.LayerNorm(256)
-        self.body = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
-        self.narrow = nn.Linear(256, 96)  # 96 rows, 256 wide
-        self.odd = nn.Linear(320, 320)  # 320 is not a multiple of 256 (K-quants)
-        self.tiny = nn.Linear(8, 8)
-        self.final_layer = nn.Linear(256, 256)
-
-
-def test_quantize_tree_counts_kept_and_unsupported_layers():
-    """Shown able to fail: the min_params check in engine/quantize.py's plan_layer replaced by
-    `if False:` -> "tiny" is kept for its shape, without "tiny" in the reason (assert fails)."""
-    model = Toy()
-    copy = clone.clone_tree(model)
-    report = quantize.quantize_tree(copy, "gguf:Q4_K", recipes.get_recipe("generic"), target="toy")
-    actions = {r.name: (r.action, r.format_id, r.reason) for r in report.layers}
-    assert actions["body.0"][:2] == ("quantized", "gguf:Q4_K")
-    assert actions["odd"][0] == "fallback" and actions["odd"][1] == "gguf:Q4_1"
-    assert actions["tiny"][0] == "kept" and "tiny" in actions["tiny"][2]
-    assert actions["final_layer"][0] == "kept" and "final projection" in actions["final_layer"][2]
-    emb_norm = sum(p.numel() * p.element_size() for p in (*model.embed.parameters(), *model.norm.parameters()))
-    assert report.other_bytes == emb_norm, "embeddings and norms are counted, in high precision"
-    assert report.bytes_after < report.bytes_before
-    assert isinstance(copy.body[0], modules.QuantizedLayer)
-    assert not isinstance(model.body[0], modules.QuantizedLayer), "the source tree is untouched"
-
-
-def test_clone_shares_storage_but_not_objects():
-    """Shown able to fail: new_params[id(param)] = param in engine/clone.py's clone_tree (the
-    source Parameter reused) -> `is not` fails."""
-    model = Toy()
-    copy = clone.clone_tree(model)
-    assert copy.body[0].weight is not model.body[0].weight
-    assert copy.body[0].weight.data_ptr() == model.body[0].weight.data_ptr()
-    copy.body[0].weight.data = torch.zeros_like(copy.body[0].weight)
-    assert model.body[0].weight.abs().sum() > 0
-
-
-def test_unknown_recipe_is_a_quantkit_error_naming_the_known_ones():
-    """Shown able to fail: Known recipes: {sorted(RECIPES)} in engine/recipes.py's get_recipe
-    -> the message no longer reads "sd15, sdxl" (regex does not match)."""
-    errors = pack_module("backends.engine.errors")
-    with pytest.raises(errors.QuantKitError, match=r"Unknown recipe 'sd9'\. Known recipes: sd15, sdxl"):
-        recipes.get_recipe("sd9")

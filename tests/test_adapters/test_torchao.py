@@ -76,7 +76,7 @@ def test_cuda_formats_linear(name):
         low, high = weight_error_band(spec.id, spec.bits_per_weight, heavy)
         if heavy and name.startswith("int8"):
             # a row's absmax of Student-t(3) values grows as width^(1/3): the heavy band holds
-            # for rows up to 1024 wide (test_contract), these are 2048 wide
+            # for rows up to 1024 wide (test_contract.py), these are 2048 wide
             high *= (2048 / 1024) ** (1 / 3)
         parts = adapter.quantize(w, spec)
         back_err = rel_err(adapter.dequantize(parts, spec, w.shape, torch.float32), w)
