@@ -1,7 +1,8 @@
 """The pack in ComfyUI's real frontend (pip `comfyui-frontend-package`), in headless
 Chromium driven by Selenium against a real ComfyUI server: our web extension loads, the
 bundled workflows open with our nodes and their saved widget values, and a run started
-from the UI shows each node's report in a read-only text box that is never saved.
+from the UI shows each node's report in a read-only text box that is never saved, in both
+node modes: the classic LiteGraph canvas and Vue nodes ("Nodes 2.0").
 
 Needs Debian's chromium + chromedriver and the Python package selenium; without them the
 tests fail (they never skip) with the command that installs them."""
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from harness.browser import Browser, MissingBrowser, check_installed, quiet_settings
+from harness.browser import (NODE_MODES, Browser, MissingBrowser, check_installed, quiet_settings,
+                             set_node_mode)
 from harness.comfy_inprocess import PACK_LINK_NAME, PACK_NODES
 from harness.comfy_server import ComfyServer
 from harness.locations import REPO_ROOT
@@ -25,7 +29,8 @@ EXTENSION_NAME = "QuantKit.ShowText"
 EXTENSION_URL = f"/extensions/{PACK_LINK_NAME}/show_text.js"
 REPORT_WIDGET = "quantkit_report"
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
-SCREENSHOT_COPY = Path("/tmp/quantkit_frontend.png")
+SCREENSHOT_COPY = "/tmp/quantkit_frontend_{mode}.png"
+MIN_VISIBLE_LINES = 10  # a report box shows at least this many lines (or all of a shorter text)
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -61,6 +66,33 @@ def browser(server, tmp_path_factory):
         b.quit()
 
 
+@pytest.fixture(params=list(NODE_MODES))
+def mode_browser(request, browser, server):
+    """The module's browser, its page reopened in node mode request.param ("classic" or
+    "vue") in a taller window (Vue nodes are taller than their classic boxes: at 1300 px
+    the whole SD1.5 graph fits only at 0.65 zoom, text under 8 px); the classic canvas and
+    the window as they were afterwards, for the tests that follow."""
+    mode = request.param
+    # each mode's run executes our nodes (a node served from the cache has no ui.text in
+    # the history): empty the server's cache; its worker does so as soon as it is woken
+    request_free = urllib.request.Request(server.url + "/free", data=b'{"free_memory": true}',
+                                          headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request_free, timeout=30) as r:  # answers no JSON
+        r.read()
+    time.sleep(1.0)
+    size = browser.window_size()
+    browser.resize(1600, 1500)
+    set_node_mode(server, mode)
+    browser.open_comfyui(server.url, node_mode=mode)
+    try:
+        yield browser
+    finally:
+        browser.resize(*size)
+        if mode != "classic":
+            set_node_mode(server, "classic")
+            browser.open_comfyui(server.url, node_mode="classic")
+
+
 # -- helpers ----------------------------------------------------------------------------
 def our_console_errors(browser: Browser) -> list[str]:
     """Console errors that come from our extension (file, URL or extension name)."""
@@ -94,28 +126,63 @@ def overlapping_nodes(browser: Browser) -> list[dict]:
 
 
 def report_box(browser: Browser, node_id: int):
-    """The report widget of a node and its text box as the page shows it (None if absent)."""
+    """The report widget of a node and the text box the page shows for it (None if absent):
+    the widget's DOM element in the classic canvas; in Vue mode the <textarea> of the Vue
+    widget in the node's element ([data-node-id]), found by its label (aria-label in
+    frontend 1.3x, a <label for> in 1.4x) or as the node's only text box."""
     return browser.js("""
         const node = app.graph.getNodeById(arguments[0]);
         const w = node?.widgets?.find(w => w.name === arguments[1]);
         if (!w) return null;
-        const el = w.inputEl ?? w.element;
+        const vue = !!LiteGraph.vueNodesMode;
+        let el = null;
+        if (vue) {
+          const root = document.querySelector(`[data-node-id="${node.id}"]`);
+          const names = [w.label, w.name].filter(Boolean);
+          const areas = Array.from(root?.querySelectorAll("textarea") ?? []);
+          el = areas.find(a => names.includes(a.getAttribute("aria-label")))
+            ?? Array.from(root?.querySelectorAll("label[for]") ?? [])
+                 .filter(l => names.includes(l.textContent.trim()))
+                 .map(l => document.getElementById(l.htmlFor)).find(e => e?.tagName === "TEXTAREA")
+            ?? (areas.length === 1 ? areas[0] : null);
+        } else {
+          el = w.inputEl ?? w.element;
+        }
         const out = {value: w.value, serialize: w.serialize, options_serialize: w.options?.serialize,
-                     has_element: !!el};
+                     has_element: !!el, mode: vue ? "vue" : "classic"};
         if (el) {
+          if (!el.id) el.id = `quantkit-report-${node.id}`;  // for the test to find it again
           const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
           const cx = r.left + r.width / 2, cy = r.top + Math.min(r.height / 2, 12);
+          const font = parseFloat(cs.fontSize);
+          const line = parseFloat(cs.lineHeight) || 1.2 * font;  // "normal" is about 1.2em
+          const pad = parseFloat(cs.paddingTop) + parseFloat(cs.paddingBottom);
           Object.assign(out, {
-            text: el.value, read_only: el.readOnly, tag: el.tagName,
+            element_id: el.id,
+            text: el.value, read_only: el.readOnly || el.disabled, tag: el.tagName,
             rect: [r.left, r.top, r.width, r.height],
             viewport: [window.innerWidth, window.innerHeight],
             shown: cs.display !== "none" && cs.visibility !== "hidden" && el.offsetParent !== null
                    && Number(cs.opacity) > 0.5,
             on_top: document.elementFromPoint(cx, cy) === el,
-            font_px: parseFloat(cs.fontSize) * app.canvas.ds.scale,
+            font_px: font * r.height / Math.max(el.offsetHeight, 1),  // on screen, zoom included
+            // lines the box shows (CSS pixels, before the canvas zoom) and lines it holds
+            visible_lines: (el.clientHeight - pad) / line,
+            scroll_lines: (el.scrollHeight - pad) / line,
+            client_height: el.clientHeight, scroll_height: el.scrollHeight, line_px: line,
           });
         }
         return out;""", node_id, REPORT_WIDGET)
+
+
+def type_into(browser: Browser, element_id: str, keys: str) -> None:
+    """A user's click into the element, then keys typed on the keyboard (WebDriver key
+    events, not a script setting the value)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    el = browser.driver.find_element(By.ID, element_id)
+    ActionChains(browser.driver).move_to_element(el).click().pause(0.2).send_keys(keys).perform()
+    browser.js("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));")
 
 
 # -- 1. the page ------------------------------------------------------------------------
@@ -172,11 +239,24 @@ def test_bundled_workflow_loads(browser, path):
 
 
 # -- 3. a run from the UI ---------------------------------------------------------------
-def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
-    """Shown able to fail (reasoned, browser test): without
+def test_sd15_run_from_ui_shows_reports(mode_browser, server, tmp_path):
+    """In each node mode (classic canvas, Vue nodes): a run from the UI shows each of our
+    nodes' ui.text in a read-only text box on the node, tall enough to read (at least
+    MIN_VISIBLE_LINES lines, or all of a shorter text; scrollable beyond), that typing does
+    not change and that is never saved nor sent with the next prompt.
+
+    Shown able to fail (reasoned, browser test): without
     `widget.serialize = false` in nodes/web/show_text.js the report lands in widgets_values
     ("widgets_values unchanged" fails); without `widget.options.serialize = false` it is
-    sent as an input ("leaked") and the second Run re-runs our nodes."""
+    sent as an input ("leaked") and the second Run re-runs our nodes.
+    Shown able to fail: the original show_text.js (before Vue support) -> [vue] on 1.32.9
+    "a read-only text box" (read_only False: the Vue <textarea> takes no inputEl.readOnly);
+    `widget.options.rows = ...` removed -> [vue] "shows 2.2 of 3.0 lines" (1.32.9, node 2)
+    and "2.4 of 3.0 lines" (1.49.6, node 3); `widget.options.read_only = true` removed ->
+    [vue] 1.49.6 "a read-only text box", and with that attribute assertion also dropped,
+    "typing changed node 3's report box" (the text got "zzz " typed into it)."""
+    browser = mode_browser
+    node_mode = browser.node_mode()
     saved = json.loads((REPO_ROOT / "workflows" / "sd15_quantized.json").read_text())
     by_type = {}
     for n in saved["nodes"]:
@@ -215,15 +295,20 @@ def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
                      f"?.widgets?.some(w => w.name === '{REPORT_WIDGET}' && w.value))",
                      timeout=60, what="the report text boxes")
     scale = browser.frame_nodes()  # the whole graph in view
-    shot = browser.screenshot(tmp_path / "quantkit_frontend.png")
-    shutil.copyfile(shot, SCREENSHOT_COPY)
+    shot = browser.screenshot(tmp_path / f"quantkit_frontend_{node_mode}.png")
+    shutil.copyfile(shot, SCREENSHOT_COPY.format(mode=node_mode))
 
     for node_id, text in reports.items():
         box = report_box(browser, node_id)
         assert box is not None, f"node {node_id} has no {REPORT_WIDGET} widget"
         assert box["value"] == text, f"node {node_id} shows its ui.text"
-        assert box["has_element"] and box["tag"] == "TEXTAREA", box
+        assert box["has_element"] and box["tag"] == "TEXTAREA", f"{node_mode}: {box}"
         assert box["text"] == text and box["read_only"], f"node {node_id}: a read-only text box {box}"
+        # tall enough to read: MIN_VISIBLE_LINES lines, or the whole text (as wrapped) when
+        # shorter; the rest scrolls
+        want = min(MIN_VISIBLE_LINES, box["scroll_lines"])
+        assert box["visible_lines"] >= want - 0.25, \
+            f"{node_mode}: node {node_id} shows {box['visible_lines']:.1f} of {box['scroll_lines']:.1f} lines {box}"
         left, top, width, height = box["rect"]
         vw, vh = box["viewport"]
         assert box["shown"] and width > 150 and height > 20, f"node {node_id}: text box shown {box}"
@@ -231,6 +316,16 @@ def test_sd15_run_from_ui_shows_reports(browser, server, tmp_path):
             f"node {node_id}: text box inside the window {box}"
         assert box["on_top"], f"node {node_id}: nothing covers the text box {box}"
         assert box["font_px"] >= 8, f"node {node_id}: readable at scale {scale:.2f} {box}"
+
+    # read-only for a user: a click into the box and keys typed leave the text as it was
+    # (with Backspace or Delete the canvas would delete the selected node instead)
+    for node_id, text in reports.items():
+        box = report_box(browser, node_id)
+        type_into(browser, box["element_id"], "zzz ")
+        after_typing = report_box(browser, node_id)
+        assert (after_typing["text"], after_typing["value"]) == (text, text), \
+            f"{node_mode}: typing changed node {node_id}'s report box"
+    browser.js("document.activeElement?.blur?.();")
 
     # never saved: not in the workflow (widgets_values) ...
     after = {n["id"]: n for n in browser.js("return app.graph.serialize().nodes")}

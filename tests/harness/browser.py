@@ -23,8 +23,8 @@ CHROMIUM_FLAGS = (
 )
 
 # User settings written before the page opens: no first-run template browser, no
-# update notices, the classic LiteGraph canvas (what nodes/web/show_text.js targets),
-# no minimap over the canvas.
+# update notices, the classic LiteGraph canvas (the default node mode here; see
+# NODE_MODES), no minimap over the canvas.
 QUIET_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Notification.ShowVersionUpdates": False,
@@ -33,6 +33,13 @@ QUIET_SETTINGS = {
 }
 # Browser-side (localStorage) flags: the "Introducing Nodes 2.0" banner stays closed.
 QUIET_LOCAL_STORAGE = {"vueNodesBannerDismissed": "true"}
+
+# How the frontend draws nodes: "classic" (LiteGraph canvas; widgets are canvas drawings
+# or DOM elements positioned over it) or "vue" ("Nodes 2.0": each node is a Vue component,
+# widgets are Vue components; experimental in frontend 1.2x-1.3x, the default for new
+# installs since 1.41). The setting that picks it, per mode:
+NODE_MODE_SETTING = "Comfy.VueNodes.Enabled"
+NODE_MODES = {"classic": False, "vue": True}
 
 
 class BrowserError(RuntimeError):
@@ -135,9 +142,10 @@ class Browser:
                            + (f": {last_error}" if last_error else "")
                            + "\nbrowser console:\n" + self.console_text())
 
-    def open_comfyui(self, url: str, timeout: float = 120.0) -> None:
+    def open_comfyui(self, url: str, timeout: float = 120.0, node_mode: Optional[str] = None) -> None:
         """Load ComfyUI's page and wait until the app, its graph, the node definitions and
-        the extensions are ready."""
+        the extensions are ready; with `node_mode` ("classic" or "vue", see NODE_MODES;
+        write it first with set_node_mode), also until the page draws nodes that way."""
         # Keep every resource timing (the page loads ~250 files; Chrome keeps 250 by
         # default), so requested_urls() sees the extension scripts.
         self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
@@ -152,7 +160,30 @@ class Browser:
                       "window.app.extensions && window.app.extensions.length > 0 && "
                       "window.comfyAPI && window.comfyAPI.api)",
                       timeout=timeout, what="ComfyUI's app object")
+        if node_mode is not None:
+            self.wait_for_node_mode(node_mode, timeout=timeout)
         time.sleep(1.0)  # extensions finish their setup; the default graph settles
+
+    def node_mode(self) -> str:
+        """"vue" when the page draws nodes as Vue components, else "classic"."""
+        return "vue" if self.js("return !!window.LiteGraph?.vueNodesMode") else "classic"
+
+    def wait_for_node_mode(self, mode: str, timeout: float = 60.0) -> None:
+        """Wait until the page is in node mode `mode`; in Vue mode also until every node of
+        the graph has its Vue element ([data-node-id])."""
+        if mode not in NODE_MODES:
+            raise ValueError(f"node mode {mode!r}: one of {sorted(NODE_MODES)}")
+        want = "true" if NODE_MODES[mode] else "false"
+        self.wait_for(f"!!window.LiteGraph.vueNodesMode === {want}", timeout=timeout,
+                      what=f"{mode} node mode ({NODE_MODE_SETTING} = {want})")
+        if mode == "vue":
+            self.wait_vue_nodes(timeout=timeout)
+
+    def wait_vue_nodes(self, timeout: float = 60.0) -> None:
+        """In Vue mode: wait until each node of the graph has its Vue element."""
+        self.wait_for("app.graph.nodes.every(n => document.querySelector("
+                      "`[data-node-id=\"${n.id}\"]`))", timeout=timeout,
+                      what="a Vue element per node ([data-node-id])")
 
     def console_log(self) -> list[dict]:
         """Every browser console entry so far (entries are consumed from the driver and kept)."""
@@ -172,6 +203,12 @@ class Browser:
     def load_workflow(self, workflow: dict) -> None:
         self.js_await("await app.loadGraphData(arguments[0]); return true;", workflow)
         self.js("app.canvas.setDirty(true, true);")
+        if self.node_mode() == "vue":
+            self.wait_vue_nodes()
+
+    def frontend_version(self) -> str:
+        """The frontend's version as the page reports it (e.g. "1.32.9")."""
+        return self.js("return window.__COMFYUI_FRONTEND_VERSION__ ?? ''") or ""
 
     def queue_from_ui(self) -> dict:
         """Press Run the way the UI does (app.queuePrompt(0, 1)) and return the server's
@@ -220,6 +257,16 @@ class Browser:
             return s;""", node_ids, list(margins), max_scale)
         return scale
 
+    def window_size(self) -> tuple[int, int]:
+        size = self.driver.get_window_size()
+        return size["width"], size["height"]
+
+    def resize(self, width: int, height: int) -> None:
+        """Resize the window (the page lays itself out again) and wait for two frames."""
+        self.driver.set_window_size(width, height)
+        self.js_await("await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));"
+                      "await new Promise(r => setTimeout(r, 300)); return true;")
+
     def screenshot(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +282,14 @@ def quiet_settings(server) -> None:
             _post_raw(server.url + f"/settings/{key}", json.dumps(value).encode())
         except Exception:  # noqa: BLE001  (a setting the frontend does not know is harmless)
             pass
+
+
+def set_node_mode(server, mode: str) -> None:
+    """Write the node mode ("classic" or "vue", NODE_MODES) for the default user; the page
+    reads it when it (re)opens: Browser.open_comfyui(url, node_mode=mode)."""
+    if mode not in NODE_MODES:
+        raise ValueError(f"node mode {mode!r}: one of {sorted(NODE_MODES)}")
+    _post_raw(server.url + f"/settings/{NODE_MODE_SETTING}", json.dumps(NODE_MODES[mode]).encode())
 
 
 def _post_raw(url: str, data: bytes) -> None:
