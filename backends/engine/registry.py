@@ -74,8 +74,12 @@ _IMPORT_CACHE: Dict[str, Optional[str]] = {}  # successes only: a failure is che
 
 
 def installed(package: str) -> bool:
-    """Whether `package` can be found, without importing it."""
-    return importlib.util.find_spec(package.split(".")[0]) is not None
+    """Whether `package` can be found, without importing it (a dotted name imports its
+    parent package only: 'optimum.quanto' is not installed by 'optimum' alone)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ImportError:  # the parent package is missing
+        return False
 
 
 def import_problem(package: str, requirement: str, backend: str) -> Optional[str]:

@@ -19,9 +19,6 @@ from .triton_8bit import _launch
 ROWS_INT8 = 100  # int8 rows with one float32 scale per row (torchao:int8wo)
 ENTRY = 8  # int64 fields per layer: source, output offset, weights, first program, kind, scale, row length
 _BLOCK = 1024
-# (kernel id, weights per block, bytes per block) of each GGML type: one branch each, unrolled
-_LAYOUTS = tl.constexpr(tuple(TYPES.values()))
-_N_LAYOUTS = tl.constexpr(len(TYPES))
 
 
 @triton.jit
@@ -44,11 +41,34 @@ def _group_kernel(table_ptr, out_ptr, n_layers, BLOCK: tl.constexpr):
         q = tl.load(src + o, mask=inside, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         s = tl.load(scale + o // row_len, mask=inside, other=0.0)
         tl.store(out + o, (q * s).to(out_ptr.dtype.element_ty), mask=inside)
+    elif kind == 0:
+        _decode_elements(src, out, n_out, local, 0, 32, 34, BLOCK)
+    elif kind == 1:
+        _decode_elements(src, out, n_out, local, 1, 32, 18, BLOCK)
+    elif kind == 2:
+        _decode_elements(src, out, n_out, local, 2, 32, 20, BLOCK)
+    elif kind == 3:
+        _decode_elements(src, out, n_out, local, 3, 32, 22, BLOCK)
+    elif kind == 4:
+        _decode_elements(src, out, n_out, local, 4, 32, 24, BLOCK)
+    elif kind == 5:
+        _decode_elements(src, out, n_out, local, 5, 256, 144, BLOCK)
+    elif kind == 6:
+        _decode_elements(src, out, n_out, local, 6, 256, 176, BLOCK)
+    elif kind == 7:
+        _decode_elements(src, out, n_out, local, 7, 256, 210, BLOCK)
+    elif kind == 8:
+        _decode_elements(src, out, n_out, local, 8, 256, 110, BLOCK)
     else:
-        for t in tl.static_range(_N_LAYOUTS):
-            if kind == _LAYOUTS[t][0]:
-                _decode_elements(src, out, n_out, local, _LAYOUTS[t][0], _LAYOUTS[t][1],
-                                 _LAYOUTS[t][2], BLOCK)
+        _decode_elements(src, out, n_out, local, 9, 256, 84, BLOCK)
+
+
+# The branches spell out TYPES (backends/gguf/types.py's kernel ids, block lengths and sizes)
+# rather than loop over a constexpr tuple, which Triton before 3.2 cannot compile: checked here.
+assert {k: (i, b, s) for k, (i, b, s) in TYPES.items()} == {
+    "Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q5_0": (3, 32, 22),
+    "Q5_1": (4, 32, 24), "Q4_K": (5, 256, 144), "Q5_K": (6, 256, 176), "Q6_K": (7, 256, 210),
+    "Q3_K": (8, 256, 110), "Q2_K": (9, 256, 84)}
 
 
 def kind_of(qtype: str) -> int:

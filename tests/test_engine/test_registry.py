@@ -103,6 +103,15 @@ def test_the_try_hint_leaves_out_backends_that_are_not_installed(monkeypatch):
     assert "Try 'quanto:int4' or 'gguf:Q5_0' or 'gguf:Q4_0'." in message
 
 
+def test_a_subpackage_is_installed_only_if_it_is_there():
+    """'optimum.quanto' needs quanto itself, not only the 'optimum' package beside it.
+    Shown able to fail: installed() looking up `package.split(".")[0]` (as it did) ->
+    'json.quantkit_no_such_module' counts as installed."""
+    assert registry.installed("json") and registry.installed("json.decoder")
+    assert not registry.installed("json.quantkit_no_such_module")
+    assert not registry.installed("quantkit_no_such_package.quanto")  # no parent: no error either
+
+
 def test_a_package_installed_after_a_failed_check_is_found(tmp_path, monkeypatch):
     """Shown able to fail: import_problem in engine/registry.py caching the failure, as it
     did (`_IMPORT_CACHE[package] = "missing"` before the not-installed return) -> the
