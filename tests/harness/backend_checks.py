@@ -15,6 +15,22 @@ def assert_weight_in_band(spec, err: float, heavy: bool, what: str) -> None:
     assert low <= err <= high, f"{spec.id} {what}: relative error {err:.4f} outside {low:.4f}-{high:.4f}"
 
 
+def format_helpers(adapter):
+    """spec(name), round_trip(w, name, dtype) -> (parts, float weight) and
+    assert_in_band(err, name, heavy, what) for one adapter's formats."""
+    def spec(name):
+        return adapter.formats[name]
+
+    def round_trip(w, name, dtype=torch.float32):
+        parts = adapter.quantize(w, spec(name))
+        return parts, adapter.dequantize(parts, spec(name), w.shape, dtype)
+
+    def assert_in_band(err, name, heavy, what):
+        assert_weight_in_band(spec(name), err, heavy, what)
+
+    return spec, round_trip, assert_in_band
+
+
 def check_plain_parts_with_honest_size(adapter, name: str, parts_nbytes) -> None:
     spec = adapter.formats[name]
     w = gaussian((256, 512))

@@ -20,6 +20,16 @@ FULL = os.environ.get("QUANTKIT_FUZZ_FULL") == "1"
 FULL_CASES = 10_000
 
 
+def scratch_file(name: str) -> str:
+    """A path in a folder of its own, removed when the test process ends: the file each
+    fuzz case rewrites."""
+    import atexit
+    import shutil
+    folder = tempfile.mkdtemp(prefix="quantkit-fuzz-")
+    atexit.register(shutil.rmtree, folder, True)
+    return os.path.join(folder, name)
+
+
 def fuzz_settings(ci_cases: int):
     """ci_cases by default, FULL_CASES in the full run; a case over 5 s counts as a hang."""
     return settings(max_examples=FULL_CASES if FULL else ci_cases, database=None,

@@ -12,8 +12,8 @@ from quantkit.backends.engine import registry
 from quantkit.backends.engine.base import hardware_problem, parts_nbytes
 from quantkit.backends.adapters.bnb import BitsAndBytesAdapter
 from quantkit.backends.engine.errors import BackendUnavailable
-from harness.backend_checks import (assert_weight_in_band, check_missing_package_message,
-                                    check_plain_parts_with_honest_size)
+from harness.backend_checks import (check_missing_package_message, check_plain_parts_with_honest_size,
+                                    format_helpers)
 from harness.draws import gaussian, heavy_tailed, rel_err
 from harness.formats import activation_error, weight_error_band
 
@@ -23,18 +23,7 @@ ALL = FOUR_BIT + ["int8"]
 # half-precision outputs (and bnb's half-precision weights on CUDA) round at 2^-8 at most each
 HALF_ROUNDING = 2 * 2 ** -8
 
-
-def spec(name):
-    return ADAPTER.formats[name]
-
-
-def round_trip(w, name, dtype=torch.float32):
-    parts = ADAPTER.quantize(w, spec(name))
-    return parts, ADAPTER.dequantize(parts, spec(name), w.shape, dtype)
-
-
-def assert_in_band(err, name, heavy, what):
-    assert_weight_in_band(spec(name), err, heavy, what)
+spec, round_trip, assert_in_band = format_helpers(ADAPTER)
 
 
 def weight_by_definition(parts, name, shape):

@@ -10,25 +10,14 @@ from quantkit.backends.engine import registry
 from quantkit.backends.engine.base import hardware_problem, parts_nbytes
 from quantkit.backends.engine.errors import BackendUnavailable
 from quantkit.backends.adapters.quanto import QuantoAdapter, unpack_int4
-from harness.backend_checks import (assert_weight_in_band, check_missing_package_message,
-                                    check_plain_parts_with_honest_size)
+from harness.backend_checks import (check_missing_package_message, check_plain_parts_with_honest_size,
+                                    format_helpers)
 from harness.draws import gaussian, heavy_tailed, rel_err
 
 ADAPTER = QuantoAdapter()
 ALL = ["int8", "fp8", "int4"]
 
-
-def spec(name):
-    return ADAPTER.formats[name]
-
-
-def round_trip(w, name, dtype=torch.float32):
-    parts = ADAPTER.quantize(w, spec(name))
-    return parts, ADAPTER.dequantize(parts, spec(name), w.shape, dtype)
-
-
-def assert_in_band(err, name, heavy, what):
-    assert_weight_in_band(spec(name), err, heavy, what)
+spec, round_trip, assert_in_band = format_helpers(ADAPTER)
 
 
 def quanto_weight(parts, name, shape):

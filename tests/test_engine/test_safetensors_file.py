@@ -11,13 +11,10 @@ docstring.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import pickle
-import shutil
 import struct
-import tempfile
 
 import pytest
 import torch
@@ -25,16 +22,14 @@ from hypothesis import given, strategies as st
 from safetensors.torch import load_file, save
 
 from conftest import pack_module
-from harness.fuzz import FULL, NATIVE_SLACK, fuzz_settings, interesting_ints, mutations, peaks
+from harness.fuzz import FULL, NATIVE_SLACK, fuzz_settings, interesting_ints, mutations, peaks, scratch_file
 
 sf = pack_module("backends.engine.safetensors_file")
 convert = pack_module("backends.gguf.convert")
 errors = pack_module("backends.engine.errors")
 
 pytestmark = pytest.mark.timeout(3600 if FULL else 120)
-_DIR = tempfile.mkdtemp(prefix="quantkit-fuzz-st-")
-atexit.register(shutil.rmtree, _DIR, True)
-_PATH = os.path.join(_DIR, "case.safetensors")
+_PATH = scratch_file("case.safetensors")
 
 
 def _seed_tensors():

@@ -9,12 +9,9 @@ CI-sized by default; QUANTKIT_FUZZ_FULL=1 runs 10,000 cases per test (harness/fu
 """
 from __future__ import annotations
 
-import atexit
 import math
 import os
-import shutil
 import struct
-import tempfile
 
 import numpy as np
 import pytest
@@ -24,16 +21,14 @@ from hypothesis import assume, given, strategies as st
 import gguf
 from conftest import pack_module
 from harness import gguf_bytes as gb
-from harness.fuzz import FULL, NATIVE_SLACK, fuzz_settings, interesting_ints, mutations, peaks
+from harness.fuzz import FULL, NATIVE_SLACK, fuzz_settings, interesting_ints, mutations, peaks, scratch_file
 
 gf = pack_module("backends.gguf.file")
 gq = pack_module("backends.gguf.quantize")
 errors = pack_module("backends.engine.errors")
 
 pytestmark = pytest.mark.timeout(3600 if FULL else 120)
-_DIR = tempfile.mkdtemp(prefix="quantkit-fuzz-")
-atexit.register(shutil.rmtree, _DIR, True)
-_PATH = os.path.join(_DIR, "case.gguf")
+_PATH = scratch_file("case.gguf")
 MEMORY_FACTOR, MEMORY_SLACK = 16, 256 << 10  # Python memory <= 16x the file + 256 KiB
 
 
@@ -97,7 +92,7 @@ def _quantkit_seed(path):
 def _seeds():
     out = []
     for make in (_gguf_py_seed, _quantkit_seed):
-        path = os.path.join(_DIR, make.__name__ + ".gguf")
+        path = os.path.join(os.path.dirname(_PATH), make.__name__ + ".gguf")
         make(path)
         with open(path, "rb") as f:
             out.append(f.read())
