@@ -16,7 +16,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 if [ -n "${QK_STANDIN_FAMILIES:-}" ]; then
   use_comfyui 0.3.75
-  python3 -m tests.standins.build --families "$QK_STANDIN_FAMILIES" > "$out/standins.log" 2>&1 \
+  python3 -m bench.standins.build --families "$QK_STANDIN_FAMILIES" > "$out/standins.log" 2>&1 \
     || { echo "stand-in build failed"; tail -20 "$out/standins.log"; }
 fi
 for config in $configs; do

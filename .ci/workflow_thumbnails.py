@@ -24,8 +24,18 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
+NOTE_TYPE = "MarkdownNote"  # the workflow's title and description (tests/harness/workflow_builder.py)
+
+
+def title_of(workflow: dict, name: str) -> str:
+    notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == NOTE_TYPE]
+    if not notes or not notes[0].startswith("## "):
+        raise SystemExit(f"{name} has no '## title' note: regenerate it (python tests/harness/build_workflows.py)")
+    return notes[0].splitlines()[0].removeprefix("## ")
+
+
 def draw(workflow: dict, title: str) -> Image.Image:
-    nodes = {n["id"]: n for n in workflow["nodes"]}
+    nodes = {n["id"]: n for n in workflow["nodes"] if n["type"] != NOTE_TYPE}  # the graph only
     left = min(n["pos"][0] for n in nodes.values())
     top = min(n["pos"][1] for n in nodes.values())
     right = max(n["pos"][0] + n["size"][0] for n in nodes.values())
@@ -56,9 +66,8 @@ def draw(workflow: dict, title: str) -> Image.Image:
 
 def main() -> int:
     for path in sorted(WORKFLOWS.glob("*.json")):
-        title = path.stem.replace("_", " ").replace("sd15", "SD1.5").replace("sdxl", "SDXL") \
-            .replace("sd3", "SD3").replace("pixart", "PixArt").replace("gguf", "GGUF")
-        draw(json.loads(path.read_text()), title).save(path.with_suffix(".jpg"), quality=85)
+        workflow = json.loads(path.read_text())
+        draw(workflow, title_of(workflow, path.name)).save(path.with_suffix(".jpg"), quality=85)
         print("wrote", path.with_suffix(".jpg").name)
     return 0
 

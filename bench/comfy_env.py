@@ -14,6 +14,9 @@ import sys
 import types
 from pathlib import Path
 
+from .dynamic_vram import dynamic_vram_wanted, enable_dynamic_vram_as_main_does
+from .media_stubs import stub_media_modules_if_missing
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "quantkit_bench_pack"
 # Where the device copy carries ComfyUI (the GPU machine has no ComfyUI installed).
@@ -36,11 +39,7 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
     root = comfyui_path()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)  # tests/standins: ComfyUI's key layouts for stand-in models
     if "comfy.cli_args" not in sys.modules:
-        from harness.media_stubs import stub_media_modules_if_missing
         stub_media_modules_if_missing()
         import comfy.options
         comfy.options.enable_args_parsing()
@@ -50,7 +49,6 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
             import comfy.cli_args  # noqa: F401  (parses sys.argv now)
         finally:
             sys.argv = saved
-        from harness.comfy_inprocess import dynamic_vram_wanted, enable_dynamic_vram_as_main_does
         if not cpu and dynamic_vram_wanted():  # as main.py: on by default on NVIDIA since 0.16
             import comfy_aimdo.control
             comfy_aimdo.control.init()
@@ -70,12 +68,12 @@ def start(cpu: bool, extra_args=()) -> types.SimpleNamespace:
 
 
 def _load_pack() -> types.SimpleNamespace:
-    """The pack imported as a package (the way ComfyUI imports a custom node folder)."""
+    """The pack imported as a package, the way ComfyUI imports a custom node folder."""
     if PACK_NAME not in sys.modules:
-        pkg = types.ModuleType(PACK_NAME)
-        pkg.__path__ = [str(REPO_ROOT)]
-        pkg.__file__ = str(REPO_ROOT / "__init__.py")
-        sys.modules[PACK_NAME] = pkg
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
 
     def mod(sub):
         return importlib.import_module(f"{PACK_NAME}.{sub}")

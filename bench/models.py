@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from standins import components
+from .standins import components
 
 FP8 = torch.float8_e4m3fn
 

@@ -90,7 +90,7 @@ class BenchTextEncoders:
         return {"required": {"dtype": ("STRING", {"default": "default"})}}
 
     def load(self, dtype):
-        from standins import components
+        from .standins import components
         ctx = _CONTEXT
         pipe = ctx["pipeline"]
         sds = [fill_state_dict(getattr(components, name)(torch.float16), "normal", ctx["device"],
@@ -113,7 +113,7 @@ class BenchVAE:
         return {"required": {}}
 
     def load(self):
-        from standins import components
+        from .standins import components
         ctx = _CONTEXT
         sd = fill_state_dict(getattr(components, ctx["pipeline"].vae)(), "normal", ctx["device"])
         vae = ctx["env"].sd.VAE(sd=sd)

@@ -22,7 +22,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "bench"
-sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # tests/standins: ComfyUI key layouts
 
 from bench import comfy_env, formats as F, results as R, table  # noqa: E402
 

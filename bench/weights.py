@@ -1,7 +1,7 @@
 """Random stand-in weights, generated where the model will run (a GPU fills billions of
 values in milliseconds; no files are read).
 
-Rules as tests/standins/fill.py: matrices and embeddings random, 1-D weights 1, biases 0.
+Rules as bench/standins/fill.py: matrices and embeddings random, 1-D weights 1, biases 0.
 Two draws for the random part: N(0, 0.02) (comparable with ANCHORS.md) and Student-t with
 3 degrees of freedom scaled to std 0.02 (outliers like trained weights). Each tensor has
 its own generator seeded from its name, so values do not depend on the other tensors.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from standins import fill as standin_fill
+from .standins import fill as standin_fill
 
 STD = 0.02
 DISTS = ("normal", "heavy")

@@ -1,4 +1,5 @@
 """ComfyUI nodes of the pack. The only package that imports `comfy`."""
+from .fit_model_to_budget import FitModelToBudget
 from .load_gguf import LoadGGUF
 from .load_gguf_clip import LoadGGUFCLIP
 from .memory_report import MemoryReport
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     f"{PREFIX}LoadGGUFCLIP": LoadGGUFCLIP,
     f"{PREFIX}MemoryReport": MemoryReport,
     f"{PREFIX}SaveQuantizedModel": SaveQuantizedModel,
+    f"{PREFIX}FitModelToBudget": FitModelToBudget,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     f"{PREFIX}LoadGGUFCLIP": "Load GGUF CLIP (QuantKit)",
     f"{PREFIX}MemoryReport": "Memory Report (QuantKit)",
     f"{PREFIX}SaveQuantizedModel": "Save Quantized Model (QuantKit)",
+    f"{PREFIX}FitModelToBudget": "Fit Model to VRAM Budget (QuantKit)",
 }

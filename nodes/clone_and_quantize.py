@@ -30,9 +30,10 @@ def work_device(choice: str) -> torch.device:
     return gpu
 
 
-def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on: str):
+def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on: str, plans=None):
     """targets: list of (subtree attribute path in source.model, recipe name, label).
-    Returns (new patcher, list of QuantReport)."""
+    plans: {path: LayerPlan} for targets quantized a format per layer (format_id then labels
+    them). Returns (new patcher, list of QuantReport)."""
     device = work_device(quantize_on)
     root = source.model
     backup = source.backup
@@ -71,7 +72,8 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
         report = quantize_tree(_subtree(new_root, path), format_id, get_recipe(recipe_name),
                                target=label, exclude=exclude or None,
                                run_device=source.load_device, work_device=device,
-                               weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress)
+                               weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress,
+                               plan=(plans or {}).get(path))
         done[0] += len(report.layers)
         reports.append(report)
     settle_stored_dtypes(new_root)
@@ -86,11 +88,11 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
     source_init = getattr(source, "cached_patcher_init", None)
     if source_init is not None:  # a source from a core loader: the copy can be made again
         set_reload_recipe(patcher, requantized_patcher, (source_init, dict(source.patches), targets,
-                                                         format_id, exclude, quantize_on))
+                                                         format_id, exclude, quantize_on, plans))
     return patcher, reports
 
 
-def requantized_patcher(source_init, patches, targets, format_id, exclude, quantize_on,
+def requantized_patcher(source_init, patches, targets, format_id, exclude, quantize_on, plans=None,
                         disable_dynamic=False):
     """The same quantized model again, with weights of its own: the source's loader runs
     again (ComfyUI's reload recipe), its patches as they were, then the same quantization."""
@@ -99,7 +101,7 @@ def requantized_patcher(source_init, patches, targets, format_id, exclude, quant
     if len(source_init) > 2:
         source = source[source_init[2]]
     source.patches = {k: list(v) for k, v in patches.items()}
-    return quantize_patcher(source, targets, format_id, exclude, quantize_on)[0]
+    return quantize_patcher(source, targets, format_id, exclude, quantize_on, plans)[0]
 
 
 def release_from_gpu(source) -> None:

@@ -75,7 +75,9 @@ def component_lines(c: Component, has_gpu: bool) -> List[str]:
                      f"{format_bytes(cen.offloaded_bytes)} (by device: {_by_size(cen.bytes_by_device)})")
     else:
         lines.append(f"  by device: {_by_size(cen.bytes_by_device)}")
-    lines += [f"  {quantkit_line(r)}" for r in c.quantkit_reports]
+    for r in c.quantkit_reports:
+        lines.append(f"  {quantkit_line(r)}")
+        lines += [f"    {note}" for note in r.notes]
     return lines
 
 

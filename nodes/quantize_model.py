@@ -1,12 +1,17 @@
 """Quantize Model: MODEL in, a new quantized MODEL out."""
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management
 import torch
 
-from ..backends.engine.recipes import DIFFUSION_RECIPES
+from ..backends.engine.recipes import DIFFUSION_RECIPES, get_recipe
 from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
+from .format_check import format_problem
+
+log = logging.getLogger(__name__)
 
 RECIPE_CHOICES = ["auto", *DIFFUSION_RECIPES]
 DEFAULT_FORMAT = "torchao:int8wo"  # GPUs: faithful, about bf16 speed on DiT models
@@ -20,6 +25,8 @@ FAMILY_BY_CONFIG = {
     "SD15": "sd15", "SD20": "sd15", "SD21UnclipL": "sd15", "SD21UnclipH": "sd15",
     "SDXL": "sdxl", "SDXLRefiner": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
     "SD3": "sd3", "PixArtAlpha": "pixart", "PixArtSigma": "pixart",
+    "Flux": "flux", "FluxSchnell": "flux", "FluxInpaint": "flux", "Flux2": "flux",
+    "AuraFlow": "auraflow",
 }
 
 
@@ -30,8 +37,20 @@ def default_format() -> str:
     return CPU_DEFAULT_FORMAT if cpu_only else DEFAULT_FORMAT
 
 
+def model_config_name(model) -> str:
+    return type(model.model.model_config).__name__
+
+
 def detect_family(model) -> str:
-    return FAMILY_BY_CONFIG.get(type(model.model.model_config).__name__, "generic")
+    return FAMILY_BY_CONFIG.get(model_config_name(model), "generic")
+
+
+def unknown_family_warning(model) -> str:
+    return (f"Warning: QuantKit has no recipe for this model (ComfyUI detects it as "
+            f"{model_config_name(model)}), so the generic recipe was used: every Linear and Conv "
+            f"layer of {get_recipe('generic').min_params} weights or more is quantized, embedders "
+            f"and modulation included. Compare images with the unquantized model; if they differ "
+            f"too much, name the sensitive layers in 'exclude' or choose a recipe.")
 
 
 class QuantizeModel:
@@ -62,7 +81,9 @@ class QuantizeModel:
                 "recipe": (RECIPE_CHOICES, {
                     "default": "auto",
                     "tooltip": "Which layers stay in high precision (embeddings, first/last "
-                               "layers). 'auto' picks the recipe of the model's family."}),
+                               "layers). 'auto' picks the recipe of the model's family (SD1.5/2, "
+                               "SDXL, SD3, PixArt, Flux, AuraFlow); other models get 'generic', "
+                               "and the node says so."}),
             },
             "optional": {
                 "exclude": ("STRING", {
@@ -80,11 +101,19 @@ class QuantizeModel:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, format):
+        return format_problem(format) or True
+
     def quantize(self, model, format, recipe, exclude="", quantize_on="auto", compute_dtype="auto"):
         family = detect_family(model) if recipe == "auto" else recipe
         new_model, reports = quantize_patcher(model, [("diffusion_model", family, "diffusion model")],
                                               format, exclude, quantize_on)
         if COMPUTE_DTYPES[compute_dtype] is not None:
             new_model.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])  # ComfyUI's own mechanism
-        text = "\n".join(r.summary() for r in reports)
-        return {"ui": {"text": (text,)}, "result": (new_model,)}
+        lines = [r.summary() for r in reports]
+        if recipe == "auto" and family == "generic":
+            warning = unknown_family_warning(model)
+            log.warning(warning)
+            lines.insert(0, warning)
+        return {"ui": {"text": ("\n".join(lines),)}, "result": (new_model,)}

@@ -1,30 +1,44 @@
 """Quantize Text Encoder: CLIP in (one or several encoders), a new quantized CLIP out."""
 from __future__ import annotations
 
+import comfy.clip_model
+import comfy.text_encoders.t5
+
 from ..backends.engine.errors import QuantKitError
 from ..backends.engine.recipes import TEXT_ENCODERS as KNOWN_ENCODERS
 from ..backends.engine.registry import all_format_ids
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher
+from .format_check import format_problem
 
 # The menu as released: saved workflows store these values, so they never change.
 ENCODER_CHOICES = ["auto", "all", "t5xxl", "clip_l", "clip_g", "clip_l+t5xxl",
                    "clip_l+clip_g", "clip_g+t5xxl"]
 DEFAULT_FORMAT = "torchao:int8wo"
+# What a known encoder wraps as `.transformer` in ComfyUI: a CLIP text tower or a T5 encoder
+# (every T5 variant ComfyUI builds is this class with another config). A same-named encoder
+# of another kind is not quantized.
+ENCODER_NETWORKS = (comfy.clip_model.CLIPTextModel, comfy.text_encoders.t5.T5)
 
 
 def present_encoders(clip):
+    """(the encoders this CLIP holds that the node quantizes, in recipe order; the others)."""
     model = clip.cond_stage_model
-    found = [name for name in KNOWN_ENCODERS if getattr(model, name, None) is not None]
-    if not found:
+    held = dict(model.named_children())
+    known = [name for name in KNOWN_ENCODERS if name in held
+             and isinstance(getattr(held[name], "transformer", None), ENCODER_NETWORKS)]
+    others = [name for name in held if name not in known]
+    if not known:
+        has = f"it holds {', '.join(others)}" if others else "it holds none"
         raise QuantKitError(
             f"This CLIP ({type(model).__name__}) holds no encoder Quantize Text Encoder knows "
-            f"(it looks for {', '.join(KNOWN_ENCODERS)}). Supported: SD1.5, SDXL, SD3 and "
-            f"PixArt text encoders.")
-    return found
+            f"({has}). The node quantizes CLIP text encoders and T5 encoders as ComfyUI builds "
+            f"them: {', '.join(KNOWN_ENCODERS)} (SD1.5/2, SDXL, SD3, PixArt, Flux, AuraFlow, "
+            f"Wan, ...). Connect this CLIP to the text-encode node unquantized.")
+    return known, others
 
 
 def choose_encoders(clip, choice: str):
-    found = present_encoders(clip)
+    found, _ = present_encoders(clip)
     if choice == "all":
         return found
     if choice == "auto":
@@ -43,8 +57,9 @@ def choose_encoders(clip, choice: str):
 
 
 class QuantizeTextEncoder:
-    DESCRIPTION = ("Quantizes the text encoders inside a CLIP (CLIP-L, CLIP-G, T5-XXL). The "
-                   "input CLIP is not changed; tokenizers are untouched.")
+    DESCRIPTION = ("Quantizes the text encoders inside a CLIP (CLIP-L, CLIP-G, CLIP-H, T5-XXL "
+                   "and the other T5 variants: AuraFlow's Pile-T5, Wan's UMT5, ...). The input "
+                   "CLIP is not changed; tokenizers are untouched.")
     CATEGORY = "QuantKit"
     RETURN_TYPES = ("CLIP",)
     OUTPUT_TOOLTIPS = ("The CLIP with quantized encoders; use it with any CLIP Text Encode node.",)
@@ -71,6 +86,10 @@ class QuantizeTextEncoder:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, format):
+        return format_problem(format) or True
+
     def quantize(self, clip, format, encoders, quantize_on="auto"):
         chosen = choose_encoders(clip, encoders)
         targets = [(name, name, name) for name in chosen]
@@ -78,5 +97,7 @@ class QuantizeTextEncoder:
         new_clip = clip.clone()
         new_clip.patcher = new_patcher
         new_clip.cond_stage_model = new_patcher.model
-        text = "\n".join(r.summary() for r in reports)
-        return {"ui": {"text": (text,)}, "result": (new_clip,)}
+        lines = [r.summary() for r in reports]
+        lines += [f"{name}: left as it is (not a CLIP or T5 encoder, the kinds this node "
+                  f"quantizes)" for name in present_encoders(clip)[1]]
+        return {"ui": {"text": ("\n".join(lines),)}, "result": (new_clip,)}

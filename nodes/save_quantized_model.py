@@ -37,7 +37,8 @@ def models_folder(kind: str) -> str:
 FILE_FORMATS = {"gguf": None, "comfy fp8 (float8_e4m3fn)": "float8_e4m3fn",
                 "comfy int8 (int8_tensorwise)": "int8_tensorwise"}
 # a CLIP's encoders saved beside the model, and the GGUF architecture each file names
-ENCODER_ARCH = {"clip_l": "clip", "clip_g": "clip", "t5xxl": "t5"}
+ENCODER_ARCH = {"clip_l": "clip", "clip_g": "clip", "t5xxl": "t5", "clip_h": "clip", "pile_t5xl": "t5",
+                "umt5xxl": "t5", "t5base": "t5", "umt5base": "t5", "mt5xl": "t5"}
 
 
 def native_checkpoints_supported() -> bool:

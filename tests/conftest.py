@@ -1,4 +1,4 @@
-"""Test configuration: the pack is made importable the way ComfyUI loads it, and real
+"""Test configuration: the pack is imported the way ComfyUI imports it, and real
 ComfyUI is available in-process (session fixture `comfy`) and as a server (`server`)."""
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `harness` package
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (stand-ins, ComfyUI start-up)
 
-from harness.comfy_inprocess import (make_base_dir, pack_module_name,  # noqa: E402
-                                     register_bare_pack, start_comfyui)
+from harness.comfy_inprocess import import_pack, make_base_dir, pack_module_name, start_comfyui  # noqa: E402
 
 BASE_DIR = make_base_dir(Path(tempfile.mkdtemp(prefix="quantkit-comfy-")))
 atexit.register(shutil.rmtree, BASE_DIR, True)  # tests write multi-GB model files there
 PACK = pack_module_name(BASE_DIR)
-register_bare_pack(PACK)
+import_pack(PACK)  # ComfyUI imports it again under this name: the backends stay the same objects
 
 
 def pack_module(sub: str):

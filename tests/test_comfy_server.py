@@ -79,9 +79,11 @@ def test_quantize_model_format_list_covers_every_backend(object_info):
 
 def test_invalid_input_is_rejected_before_running(server):
     """Shown able to fail (reasoned, server test): Quantize Model's
-    format given as a free STRING in nodes/quantize_model.INPUT_TYPES -> "nosuch:fmt" passes
-    validation and is not named in node_errors (the missing UNET alone is rejected, which
-    the former "format|value_not_in_list" regex also accepted)."""
+    format given as a free STRING in nodes/quantize_model.INPUT_TYPES and its VALIDATE_INPUTS
+    returning True -> "nosuch:fmt" passes validation and is not named in node_errors (the
+    missing UNET alone is rejected, which the former "format|value_not_in_list" regex also
+    accepted). tests/test_nodes/test_format_check.py runs the same validation in-process,
+    mutations shown."""
     prompt = {"1": {"class_type": "QuantKitQuantizeModel",
                     "inputs": {"model": ["2", 0], "format": "nosuch:fmt", "recipe": "auto"}},
               "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "missing.safetensors",
@@ -102,11 +104,11 @@ def without_unlinked_outputs(workflow: dict) -> dict:
 def test_bundled_workflows_are_current_and_convert(object_info):
     """Shown able to fail (reasoned, server test): a widget input added to
     a node's INPUT_TYPES (nodes/*.py) without regenerating workflows/ -> "is stale"."""
-    for name, graph in workflow_builder.GRAPHS.items():
+    for name in workflow_builder.GRAPHS:
         path = REPO_ROOT / "workflows" / name
         assert path.exists(), f"{name} is missing: regenerate with python tests/harness/build_workflows.py"
         saved = json.loads(path.read_text())
-        rebuilt = workflow_builder.build(graph, object_info)
+        rebuilt = workflow_builder.workflow(name, object_info)
         assert without_unlinked_outputs(saved) == without_unlinked_outputs(rebuilt), f"{name} is stale: regenerate it"
         prompt = to_api(saved, object_info)
         kinds = {n["class_type"] for n in prompt.values()}
@@ -189,3 +191,22 @@ def test_bundled_workflows_are_templates_with_thumbnails(server):
         assert picture[:3] == b"\xff\xd8\xff" and 2_000 < len(picture) < 200_000, name
         saved = server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
         assert json.loads(saved)["nodes"], name
+
+
+def test_bundled_templates_carry_a_title_and_description(server):
+    """The Templates browser of frontends 1.32.9 and 1.49.6 titles a custom node's template
+    with its file name and reads no metadata for it (workflowTemplatesStore.ts), so each
+    workflow carries its title and description as a note, shown when the template opens.
+    Shown able to fail: sd15_gguf.json's note removed (workflows/ edited by hand) ->
+    "sd15_gguf has no title note"."""
+    listed = server.get("/workflow_templates")[PACK_LINK_NAME]
+    titles = {}
+    for name in sorted(listed):
+        served = json.loads(server.get_bytes(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
+        notes = [n["widgets_values"][0] for n in served["nodes"] if n["type"] == workflow_builder.NOTE_TYPE]
+        assert len(notes) == 1 and notes[0].startswith("## "), f"{name} has no title note"
+        heading, _, description = notes[0].partition("\n\n")
+        titles[name] = heading.removeprefix("## ")
+        assert 3 <= len(titles[name]) <= 40 and len(description.split()) >= 12, (name, notes[0])
+    assert len(set(titles.values())) == len(titles), titles
+

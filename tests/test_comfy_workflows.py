@@ -1,8 +1,8 @@
-"""The bundled SDXL, SD3 and PixArt workflows end to end through a real ComfyUI server (each
-test starts its own). A module of their own, collected right after test_comfy_server.py:
-its `server` fixture (a whole ComfyUI holding the SD1.5 workflow's models) is gone before
-these start, and the test process has not yet grown with the in-process model tests, so
-one big server at a time fits a 24 GB machine."""
+"""The bundled SDXL, SD3, PixArt, Flux and AuraFlow workflows end to end through a real
+ComfyUI server (each test starts its own). A module of their own, collected right after
+test_comfy_server.py: its `server` fixture (a whole ComfyUI holding the SD1.5 workflow's
+models) is gone before these start, and the test process has not yet grown with the
+in-process model tests, so one big server at a time fits a 24 GB machine."""
 from __future__ import annotations
 
 import json
@@ -73,6 +73,34 @@ def test_pixart_workflow_end_to_end_with_quantized_t5(tmp_path):
     report = "\n".join(texts)
     assert "diffusion model: torchao:int8wo (pixart recipe)" in report
     assert "t5xxl: torchao:int8wo" in report
+
+
+@pytest.mark.slow
+@pytest.mark.both_versions
+def test_flux_workflow_end_to_end_with_quantized_t5(tmp_path):
+    """flux_quantized.json: a FLUX.1 [dev] stand-in (one block of each kind, full width) from
+    its own files, CLIP-L + T5-XXL from Dual CLIP Loader, FluxGuidance at cfg 1.
+    Shown able to fail: "Flux" missing from FAMILY_BY_CONFIG in nodes/quantize_model.py ->
+    the report reads "(generic recipe)" after a warning, not "(flux recipe)"."""
+    size, texts, _ = _run_workflow(tmp_path, "flux_quantized.json", 128)
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (flux recipe)" in report and "Warning" not in report
+    assert "t5xxl: torchao:int8wo" in report and "clip_l: torchao:int8wo" in report
+
+
+@pytest.mark.slow
+@pytest.mark.both_versions
+def test_auraflow_workflow_end_to_end_with_quantized_pile_t5(tmp_path):
+    """auraflow_quantized.json: an AuraFlow checkpoint stand-in (MMDiT with one joint and one
+    single layer, full width; the whole Pile-T5-XL; SDXL VAE) through Checkpoint Loader.
+    Shown able to fail: "pile_t5xl" missing from the text-encoder recipes -> the server
+    reports "holds no encoder Quantize Text Encoder knows (it holds pile_t5xl)"."""
+    size, texts, _ = _run_workflow(tmp_path, "auraflow_quantized.json", 128)
+    assert size == (128, 128)
+    report = "\n".join(texts)
+    assert "diffusion model: torchao:int8wo (auraflow recipe)" in report and "Warning" not in report
+    assert "pile_t5xl: torchao:int8wo" in report
 
 
 @pytest.mark.slow

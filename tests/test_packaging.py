@@ -34,6 +34,28 @@ def test_requirements_are_plain_lines_without_torch():
         assert not re.match(r"^torch(vision|audio)?\b", line), "Manager never installs torch from here"
 
 
+def test_requirements_txt_installs_the_hard_dependencies_only():
+    """What Manager installs (requirements.txt) is pyproject.toml's dependencies, nothing
+    more: the optional backends stay extras because installing them can replace the user's
+    torch (optimum-quanto requires torch>=2.6, bitsandbytes torch>=2.4; pip would fetch a
+    default, on Windows CPU-only, build). No hard dependency requires torch, by the installed
+    packages' own metadata.
+    Shown able to fail: `optimum-quanto>=0.2.6` added to requirements.txt -> the sets differ;
+    with it also added to pyproject.toml's dependencies (copies of both files: a changed
+    requirements.txt makes .ci/env.sh build another environment) -> "optimum-quanto
+    requires torch"."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    lines = [l.strip() for l in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(lines) == sorted(dependencies)
+    for line in lines:
+        name = Requirement(line).name
+        pulled = [Requirement(r).name for r in metadata.requires(name) or [] if "extra ==" not in r]
+        assert not any(p.startswith("torch") for p in pulled), f"{name} requires torch ({pulled})"
+
+
 def test_gguf_requirement_is_stated_once_and_the_files_repeat_it_exactly():
     """pyproject.toml and requirements.txt must stay files; they state GGUF_REQUIREMENT.
     Shown able to fail: requirements.txt's line changed to `gguf>=0.11.0` -> it differs from
@@ -102,17 +124,48 @@ def test_readme_commands_are_what_ci_runs():
     assert "bash .ci/test" in (REPO_ROOT / ".ci" / "run").read_text()
 
 
+_OUTSIDE_COMFYUI = r"""
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1] + "/tests")
+from harness.comfy_inprocess import import_pack
+from harness.locations import REPO_ROOT
+pack = import_pack("qk_outside")
+backends = sorted(".".join(p.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (REPO_ROOT / "backends").rglob("*.py"))
+for name in backends:
+    importlib.import_module(f"qk_outside.{name}")
+print(json.dumps({"mappings": getattr(pack, "NODE_CLASS_MAPPINGS", {}), "backends": len(backends),
+                  "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("comfy", "folder_paths")
+                                     or m.startswith("qk_outside.nodes"))}))
+"""
+
+
+def test_pack_imports_outside_comfyui_without_its_nodes(tmp_path):
+    """Imported the way ComfyUI imports it but without ComfyUI, the pack registers no
+    nodes, imports nothing of nodes/ or ComfyUI, and every backends module imports.
+    Shown able to fail: __init__.py importing .nodes unconditionally -> the child fails
+    with "No module named 'comfy'" (and so does conftest's own import of the pack)."""
+    import json
+    import subprocess
+    import sys
+    script = tmp_path / "outside.py"
+    script.write_text(_OUTSIDE_COMFYUI)
+    done = subprocess.run([sys.executable, str(script), str(REPO_ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"mappings": {}, "backends": len(list((REPO_ROOT / "backends").rglob("*.py"))), "imported": []}
+
+
 _WITHOUT_OPTIONAL_BACKENDS = r"""
 import sys
 for name in ("torchao", "bitsandbytes", "optimum", "optimum.quanto"):
     sys.modules[name] = None  # import fails, find_spec says: not installed
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")  # harness
+sys.path.append(sys.argv[1])  # bench
 import tempfile
 from pathlib import Path
-from harness.comfy_inprocess import PACK_NODES, make_base_dir, pack_module_name, register_bare_pack, start_comfyui
-base = make_base_dir(Path(tempfile.mkdtemp(prefix="quantkit-nobackends-")))
-register_bare_pack(pack_module_name(base))
-nodes = start_comfyui(base)
+from harness.comfy_inprocess import PACK_NODES, make_base_dir, start_comfyui
+nodes = start_comfyui(make_base_dir(Path(tempfile.mkdtemp(prefix="quantkit-nobackends-"))))
 assert set(PACK_NODES) <= set(nodes.NODE_CLASS_MAPPINGS), "the nodes register"
 from harness.tiny_models import tiny_sd3_patcher
 node = nodes.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]()
@@ -142,9 +195,8 @@ def test_pack_loads_and_quantizes_without_the_optional_backends(tmp_path):
     import sys
     script = tmp_path / "no_backends.py"
     script.write_text(_WITHOUT_OPTIONAL_BACKENDS)
-    done = subprocess.run([sys.executable, str(script), str(REPO_ROOT / "tests")], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
+    done = subprocess.run([sys.executable, str(script), str(REPO_ROOT)], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("ERROR")}
     for fmt, package in (("torchao:int4wo", "torchao"), ("bnb:nf4", "bitsandbytes"), ("quanto:int8", "optimum-quanto")):

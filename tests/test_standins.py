@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from standins import build, catalog
-from standins.components import verify_detection
+from bench.standins import build, catalog
+from bench.standins.components import verify_detection
 
 DETECTED = [s for s in catalog.STANDINS if s.detect is not None]
 
 
 @pytest.mark.parametrize("standin", DETECTED, ids=[s.name for s in DETECTED])
 def test_standin_is_detected_as_its_family(comfy, standin):
-    """Shown able to fail: SD15_UNET's context_dim 768 -> 1024 in tests/standins/components.py
+    """Shown able to fail: SD15_UNET's context_dim 768 -> 1024 in bench/standins/components.py
     -> "ComfyUI detects none, expected SD15" (verify_detection raises)."""
     state_dict, specs = build.tensor_specs(standin)
     verify_detection(state_dict, standin.detect, torch.float16)

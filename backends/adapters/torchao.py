@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..kernels import fast_linear
 from ..kernels.decode_groups import INT8_ROWS, DecodePlan
-from ..engine.base import BackendAdapter, FormatSpec
+from ..engine.base import BackendAdapter, FormatSpec, require_format
 from ..engine.errors import FormatUnsupported
 from ..engine.registry import register
 
@@ -126,18 +126,25 @@ class TorchAOAdapter(BackendAdapter):
     pip_requirement = "torchao>=0.10.0"
     formats = {spec.name: spec for spec, _ in _TABLE}
 
+    def _scheme(self, spec):
+        try:
+            return _SCHEMES[spec.name]
+        except KeyError:  # checked only on a miss: a layer's forward stays one dict lookup
+            require_format(self, spec.name)  # raises UnknownFormat, naming the formats offered
+            raise
+
     def quantize(self, weight, spec):
-        return _SCHEMES[spec.name].quantize(_flat(weight.float()))
+        return self._scheme(spec).quantize(_flat(weight.float()))
 
     def dequantize(self, parts, spec, shape, dtype):
-        return _SCHEMES[spec.name].dequantize(parts, shape, dtype)
+        return self._scheme(spec).dequantize(parts, shape, dtype)
 
     def decode_plan(self, spec, shape):
-        return _SCHEMES[spec.name].decode_plan(shape)
+        return self._scheme(spec).decode_plan(shape)
 
     def linear(self, x, parts, spec, shape, bias):
         lead, k = x.shape[:-1], x.shape[-1]
-        y = _SCHEMES[spec.name].linear(x.reshape(-1, k), parts, bias)
+        y = self._scheme(spec).linear(x.reshape(-1, k), parts, bias)
         if y is None:
             return F.linear(x, self.dequantize(parts, spec, shape, x.dtype), bias)
         return y.reshape(*lead, y.shape[-1])

@@ -57,4 +57,8 @@ def clone_tree(root: nn.Module, weight_source: Optional[WeightSource] = None,
         new.__dict__.update(state)
         return new
 
-    return copy_module(root)
+    try:
+        return copy_module(root)
+    finally:  # copy_module refers to itself (a cycle): it must not keep the copy alive until gc
+        new_modules.clear()
+        new_params.clear()

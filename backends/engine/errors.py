@@ -26,3 +26,21 @@ class UnknownRecipe(QuantKitError, KeyError):
 
     def __str__(self):  # KeyError's own __str__ would quote the message
         return str(self.args[0])
+
+
+class BudgetUnreachable(QuantKitError):
+    """No choice of formats makes the model as small as the budget asks."""
+
+    def __init__(self, smallest: int, budget: int, exact: bool = True):
+        self.smallest, self.budget = smallest, budget
+        takes = "takes" if exact else "takes at least"
+        super().__init__(
+            f"The budget of {_size(budget)} ({budget} bytes) cannot be met: with every searched "
+            f"layer in its smallest candidate format, and the layers the recipe keeps as they "
+            f"are, the model {takes} {_size(smallest)} ({smallest} bytes). Raise the budget to at "
+            f"least that, add a smaller candidate format (gguf:Q2_K is the smallest), or "
+            f"quantize the layers the recipe keeps with Quantize Model.")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

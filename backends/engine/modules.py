@@ -63,6 +63,20 @@ class QuantizedLayer(nn.Module):
         """The float weight (for LoRA, checks, saving), hooks not applied."""
         return self.adapter.dequantize(self.parts(device), self.spec, self.weight_shape, dtype)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) (diffusers' pipe.to(torch.bfloat16), .half()) casts every floating
+        # tensor: it would turn a float8 payload or float32 scales into the new dtype, changing
+        # the format and its bytes. The parts keep their dtype and follow device moves only.
+        part_ids = {id(getattr(self, _part_param_name(p))) for p in self._part_names}
+
+        def parts_keep_dtype(t):
+            out = fn(t)
+            if id(t) in part_ids and out.dtype != t.dtype:
+                return t.data.to(out.device)
+            return out
+
+        return super()._apply(parts_keep_dtype, recurse)
+
     def stored_bytes(self) -> int:
         return sum(t.nelement() * t.element_size() for t in self.parameters())
 

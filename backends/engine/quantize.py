@@ -59,6 +59,17 @@ def out_of_memory_advice(work_device) -> str:
             "16-bit model.")
 
 
+def recipe_keep_reason(name, module, recipe: Recipe, exclude: Optional[str]) -> Optional[str]:
+    """Why a layer stays as it is whatever the format (recipe, exclude pattern, size), or None."""
+    if _matches(recipe.keep, name):
+        return "recipe keeps it in high precision"
+    if exclude and re.search(exclude, name):
+        return "matched the exclude pattern"
+    if module.weight.nelement() < recipe.min_params:
+        return f"tiny layer (< {recipe.min_params} weights)"
+    return None
+
+
 def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[str]):
     """(action, spec or None, reason) for one layer, without doing any work."""
     weight = module.weight
@@ -66,10 +77,9 @@ def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[st
         return KEPT, None, "recipe keeps it in high precision"
     if spec.keep_final_projection and _matches(recipe.final_projection, name):
         return KEPT, None, "final projection kept at <= 4 bits"
-    if exclude and re.search(exclude, name):
-        return KEPT, None, "matched the exclude pattern"
-    if weight.nelement() < recipe.min_params:
-        return KEPT, None, f"tiny layer (< {recipe.min_params} weights)"
+    reason = recipe_keep_reason(name, module, recipe, exclude)
+    if reason is not None:
+        return KEPT, None, reason
     problem = adapter.supports_shape(spec, weight.shape)
     if problem is None:
         return QUANTIZED, spec, ""
@@ -80,22 +90,55 @@ def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[st
     return KEPT, None, problem
 
 
+def _usable_format(format_id: str, run_device):
+    adapter, spec = get_format(format_id)
+    if spec.read_only:
+        raise QuantKitError(f"'{format_id}' can be read from .gguf files, but QuantKit cannot "
+                            f"produce it. Choose a format from the list, e.g. gguf:Q4_K.")
+    check_usable(adapter, spec.name, run_device)
+    return adapter, spec
+
+
+def _planned_layer(name, plan: LayerPlan):
+    """(action, spec or None, reason) for one layer of a per-layer plan."""
+    if name not in plan.formats:
+        return KEPT, None, plan.reasons.get(name, "not in the per-layer plan")
+    format_id = plan.formats[name]
+    reason = plan.reasons.get(name, "")
+    if format_id is None:
+        return KEPT, None, reason or "the per-layer plan keeps it"
+    return QUANTIZED, get_format(format_id)[1], reason
+
+
+class LayerPlan:
+    """A format per layer name (None: kept as stored), with a reason per layer and lines
+    for the report (why this plan). Layers the plan does not name are kept."""
+
+    def __init__(self, formats, reasons=None, notes=()):
+        self.formats = dict(formats)
+        self.reasons = dict(reasons or {})
+        self.notes = tuple(notes)
+
+
 def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: str,
                   exclude: Optional[str] = None, run_device="cpu", work_device="cpu",
                   weight_of: Optional[Callable[[str, nn.Module], torch.Tensor]] = None,
-                  layer_cls=None, progress: Optional[Progress] = None) -> QuantReport:
+                  layer_cls=None, progress: Optional[Progress] = None,
+                  plan: Optional[LayerPlan] = None) -> QuantReport:
     """Replaces quantizable layers of `root` (in place) and returns what was done.
 
     run_device: where the model will compute (checked against the format's needs).
     work_device: where the quantization math runs, one layer at a time; results are
     stored on the device the original weight was on.
     weight_of(name, module): the float weight to quantize (lets a host bake patches).
+    plan: a format per layer (budget.py); `format_id` then only names the result in the
+    report, and the recipe and `exclude` have already been applied by whoever made the plan.
     """
-    adapter, spec = get_format(format_id)
-    if spec.read_only:
-        raise QuantKitError(f"'{format_id}' can be read from .gguf files, but QuantKit cannot "
-                            f"produce it. Choose a format from the list, e.g. gguf:Q4_K.")
-    check_usable(adapter, spec.name, run_device)
+    if plan is None:
+        adapter, spec = _usable_format(format_id, run_device)
+    else:
+        for used in sorted({f for f in plan.formats.values() if f is not None}):
+            _usable_format(used, run_device)
     if exclude:
         try:
             re.compile(exclude)
@@ -103,21 +146,26 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
             raise QuantKitError(f"The exclude pattern '{exclude}' is not a valid regular "
                                 f"expression ({exc}). Example: 'attn2|proj_out'.") from None
     report = QuantReport(target=target, format_id=format_id, recipe=recipe.name,
-                         device=str(work_device))
+                         device=str(work_device), notes=() if plan is None else plan.notes)
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
     in_layers = {id(m) for _, m in layers}
-    report.record_other(p for m in root.modules() if id(m) not in in_layers
-                        for p in m.parameters(recurse=False))
+    # a tied parameter (transformers' T5: shared and encoder.embed_tokens) is counted once
+    report.record_other({id(p): p for m in root.modules() if id(m) not in in_layers
+                         for p in m.parameters(recurse=False)}.values())
     start = time.perf_counter()
     for i, (name, module) in enumerate(layers):
-        action, use_spec, reason = plan_layer(name, module, adapter, spec, recipe, exclude)
+        if plan is None:
+            action, use_spec, reason = plan_layer(name, module, adapter, spec, recipe, exclude)
+        else:
+            action, use_spec, reason = _planned_layer(name, plan)
         values = module.weight.nelement() + (0 if module.bias is None else module.bias.nelement())
         before = _nbytes(module.weight) + _nbytes(module.bias)
         if use_spec is None:
             report.record(name, module.weight.shape, KEPT, None, reason, values=values,
                           stored_bytes=before, source_bytes=before)
         else:
-            new = _quantize_layer(name, module, adapter, use_spec, work_device, weight_of, layer_cls)
+            layer_adapter = adapter if plan is None else get_format(use_spec.id)[0]
+            new = _quantize_layer(name, module, layer_adapter, use_spec, work_device, weight_of, layer_cls)
             _set_child(root, name, new)
             report.record(name, module.weight.shape, action, use_spec.id, reason, values=values,
                           stored_bytes=new.stored_bytes(), source_bytes=before)

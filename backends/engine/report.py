@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,7 @@ class QuantReport:
     layers: List[LayerRecord] = field(default_factory=list)
     other_bytes: int = 0  # parameters outside Linear/Conv layers (norms, embeddings), stored
     other_bytes_before: int = 0  # the same in the reference
+    notes: Tuple[str, ...] = ()  # more lines a host shows under the summary (a budget fit's choice)
 
     def reference_bytes(self, values: int, source_bytes: Optional[int]) -> int:
         """What `values` numbers take in the reference; `source_bytes`: in the source model."""

@@ -29,7 +29,7 @@ from ..engine.safetensors_file import read_safetensors
 
 # general.architecture (as ComfyUI-GGUF names them) -> the recipe of that family
 ARCHITECTURES = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart",
-                 "flux": "generic", "aura": "generic"}
+                 "flux": "flux", "aura": "auraflow"}
 # a full checkpoint holds the diffusion model under this prefix (and the VAE, text encoders)
 CHECKPOINT_PREFIX = "model.diffusion_model."
 

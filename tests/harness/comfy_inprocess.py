@@ -3,10 +3,9 @@ loaded from a custom_nodes folder exactly as ComfyUI loads packs."""
 from __future__ import annotations
 
 import asyncio
-import importlib
+import importlib.util
 import logging
 import sys
-import types
 from pathlib import Path
 
 from .locations import REPO_ROOT, comfyui_path
@@ -39,54 +38,28 @@ def make_base_dir(base_dir: Path) -> Path:
     return base_dir
 
 
-def register_bare_pack(name: str, alias: str = "quantkit") -> None:
-    """Make the pack's backends importable (as `name.backends.*` and `alias.backends.*`,
-    the same module objects) without running its __init__ (which needs ComfyUI)."""
+def import_pack(name: str):
+    """The pack imported as ComfyUI imports a custom node folder (its __init__.py under
+    `name`, ComfyUI's module name for it), so that its backends are the same module objects
+    in tests as in ComfyUI. Outside ComfyUI the __init__ registers no nodes."""
     if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(REPO_ROOT)]
-        pkg.__file__ = str(REPO_ROOT / "__init__.py")
-        sys.modules[name] = pkg
-    sys.modules.setdefault(alias, sys.modules[name])
-    for path in sorted((REPO_ROOT / "backends").rglob("*.py")):
-        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
-        sub = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        module = importlib.import_module(f"{name}.{sub}")
-        sys.modules[f"{alias}.{sub}"] = module
-
-
-def dynamic_vram_wanted() -> bool:
-    """What ComfyUI's main.py decides from the arguments on an NVIDIA GPU (0.16+; False
-    before, and on the CPU)."""
-    import torch
-    import comfy.cli_args
-    decide = getattr(comfy.cli_args, "enables_dynamic_vram", None)
-    return bool(decide and decide() and torch.version.cuda)  # no device query before aimdo
-
-
-def enable_dynamic_vram_as_main_does() -> None:
-    """main.py turns Dynamic VRAM on (comfy-aimdo) before serving; an in-process ComfyUI
-    must do the same, or tests on a GPU would only ever see the classic patcher."""
-    import comfy.memory_management
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy_aimdo.control
-    devices = [(d.index, 0) for d in mm.get_all_torch_devices()]
-    if not comfy_aimdo.control.init_devices(devices):
-        raise RuntimeError("comfy-aimdo did not initialise: Dynamic VRAM cannot be tested here")
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    comfy.memory_management.aimdo_enabled = True
-    logging.info("QuantKit tests: Dynamic VRAM enabled as ComfyUI's main.py does")
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def start_comfyui(base_dir: Path, extra_args=()):
     """Import ComfyUI (--cpu unless QUANTKIT_TEST_DEVICE=gpu) with our base directory; load
     built-in and our nodes.
     Returns ComfyUI's `nodes` module."""
+    # here, not at the top: scripts that only start servers (run_workflow.py) lack `bench`
+    from bench.dynamic_vram import dynamic_vram_wanted, enable_dynamic_vram_as_main_does
+    from bench.media_stubs import stub_media_modules_if_missing
     root = comfyui_path()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from .media_stubs import stub_media_modules_if_missing
     stub_media_modules_if_missing()
     import comfy.options
     comfy.options.enable_args_parsing()

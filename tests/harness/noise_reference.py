@@ -45,11 +45,13 @@ def expected_quantized_layers(root, format_id: str, recipe_name: str, exclude: s
     source model), written out from the recipe's and the format's tables rather than taken
     from the quantized model (names relative to `root`, as recipes match them, then
     prefixed with `prefix`): a layer left unquantized by mistake is then missing from the
-    noise reference and from the expected set, and the tests see it."""
+    noise reference and from the expected set, and the tests see it. `recipe_name` may
+    also be a Recipe (the library API's recipes on diffusers' names)."""
     import re
     from conftest import pack_module
     registry = pack_module("backends.engine.registry")
-    recipe = pack_module("backends.engine.recipes").RECIPES[recipe_name]
+    recipe = (pack_module("backends.engine.recipes").RECIPES[recipe_name]
+              if isinstance(recipe_name, str) else recipe_name)
     adapter, spec = registry.get_format(format_id)
 
     def fits(s, shape):

@@ -13,7 +13,7 @@ def te_path(name: str) -> str:
     path = standins_path() / "text_encoders" / name
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: build stand-ins with "
-                                f"python -m tests.standins.build (bash .ci/test does)")
+                                f"python -m bench.standins.build (bash .ci/test does)")
     return str(path)
 
 
@@ -31,6 +31,12 @@ def load_family_clip(family: str):
     if family == "pixart":
         return comfy.sd.load_clip([te_path("qk_t5xxl_fp8.safetensors")], clip_type=T.PIXART,
                                   model_options={"dtype": torch.float8_e4m3fn})
+    if family == "auraflow":  # the Pile-T5-XL inside the AuraFlow checkpoint, as ComfyUI loads it
+        path = standins_path() / "checkpoints" / "qk_auraflow_d2.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: build stand-ins with python -m bench.standins.build")
+        return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True,
+                                                     output_model=False)[1]
     raise ValueError(family)
 
 

@@ -38,7 +38,7 @@ def fill_state_dict(meta_sd: dict, seed: int, heavy: bool = True, dtype=torch.fl
 
 
 def tiny_sd3_state_dict(seed: int = 7, heavy: bool = True) -> dict:
-    from standins import components as c  # the stand-in builder knows ComfyUI's key names
+    from bench.standins import components as c  # the stand-in builder knows ComfyUI's key names
     meta = c.diffusion_model_file("SD3", c.sd3_unet(SD3_TINY_DEPTH))
     return fill_state_dict(meta, seed, heavy)
 

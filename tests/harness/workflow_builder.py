@@ -41,7 +41,8 @@ def L(node, slot=0):
     return ("@", node, slot)
 
 
-def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label, encode="CLIPTextEncode"):
+def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label, encode="CLIPTextEncode",
+                     sampler="euler", scheduler="normal"):
     return {
         1: ("CheckpointLoaderSimple", {"ckpt_name": ckpt}, None),
         2: _quant_model(L(1, 0), model_fmt),
@@ -49,7 +50,7 @@ def checkpoint_graph(ckpt, width, height, steps, cfg, model_fmt, clip_fmt, label
         4: (encode, {"clip": L(3), "text": PROMPT_POS}, "Positive"),
         5: (encode, {"clip": L(3), "text": PROMPT_NEG}, "Negative"),
         6: ("EmptyLatentImage", {"width": width, "height": height, "batch_size": 1}, None),
-        7: _sampler(L(2), L(4), L(5), L(6), steps, cfg),
+        7: _sampler(L(2), L(4), L(5), L(6), steps, cfg, sampler, scheduler),
         8: ("VAEDecode", {"samples": L(7), "vae": L(1, 2)}, None),
         9: _report(L(2), L(3), L(8), label),
         10: ("SaveImage", {"images": L(9, 4), "filename_prefix": f"QuantKit_{label}"}, None),
@@ -132,8 +133,75 @@ GRAPHS = {
         10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_pixart"}, None),
         11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_pixart_memory"}, "Memory chart"),
     },
+    # FLUX.1 [dev] as its files come: the model, CLIP-L + T5-XXL, the 16-channel VAE. Guidance is
+    # an input of the model (FluxGuidance), so cfg is 1 and the negative prompt is unused.
+    "flux_quantized.json": {
+        1: ("UNETLoader", {"unet_name": "qk_flux_d1.safetensors", "weight_dtype": "default"}, None),
+        12: ("DualCLIPLoader", {"clip_name1": "qk_clip_l.safetensors", "clip_name2": "qk_t5xxl_fp8.safetensors",
+                                "type": "flux", "device": "default"}, None),
+        13: ("VAELoader", {"vae_name": "qk_sd3_vae.safetensors"}, None),
+        2: _quant_model(L(1), "torchao:int8wo"),
+        3: _quant_clip(L(12), "torchao:int8wo", "auto"),
+        4: ("CLIPTextEncode", {"clip": L(3), "text": PROMPT_POS}, "Positive"),
+        14: ("FluxGuidance", {"conditioning": L(4), "guidance": 3.5}, None),
+        5: ("ConditioningZeroOut", {"conditioning": L(4)}, "Negative (unused at cfg 1)"),
+        6: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None),
+        7: _sampler(L(2), L(14), L(5), L(6), 20, 1.0, "euler", "simple"),
+        8: ("VAEDecode", {"samples": L(7), "vae": L(13)}, None),
+        9: _report(L(2), L(3), L(8), "flux"),
+        10: ("SaveImage", {"images": L(9, 4), "filename_prefix": "QuantKit_flux"}, None),
+        11: ("SaveImage", {"images": L(9, 6), "filename_prefix": "QuantKit_flux_memory"}, "Memory chart"),
+    },
+    # AuraFlow ships as one checkpoint: MMDiT, Pile-T5-XL and the SDXL VAE.
+    "auraflow_quantized.json": checkpoint_graph("qk_auraflow_d2.safetensors", 1024, 1024, 25, 3.5,
+                                                "torchao:int8wo", "torchao:int8wo", "auraflow",
+                                                sampler="uni_pc", scheduler="normal"),
 }
 
+
+# What each bundled workflow is. ComfyUI's Templates browser (frontends 1.32 and 1.49) titles
+# a custom node's template with its file name and reads no index or field for more, so the
+# title and description travel inside the workflow as a note, as ComfyUI's own templates do;
+# .ci/workflow_thumbnails.py draws the title on the thumbnail.
+TEMPLATES = {
+    "sd15_quantized.json": (
+        "SD1.5, quantized", "An SD1.5 checkpoint with its UNet and CLIP-L quantized to int8 "
+        "(torchao:int8wo), sampled, and the Memory Report: the bytes saved beside the image. "
+        "Try other formats in the Quantize nodes' menus."),
+    "sdxl_quantized.json": (
+        "SDXL, quantized", "An SDXL checkpoint with its UNet and text encoders quantized to int8 "
+        "(Quantize Text Encoder's 'auto' keeps CLIP-G, which quantizes badly), sampled at "
+        "1024x1024, and the Memory Report."),
+    "sd3_quantized.json": (
+        "SD3, quantized", "An SD3 checkpoint with CLIP-L, CLIP-G and T5-XXL from Triple CLIP "
+        "Loader; the MMDiT and the text encoders (CLIP-G kept) quantized to int8, sampled, and the "
+        "Memory Report."),
+    "sd15_save_gguf.json": (
+        "SD1.5 to .gguf files", "Quantizes SD1.5's UNet and CLIP-L to GGUF Q8_0 and saves them as "
+        f"{GGUF_SD15}.gguf (models/diffusion_models) and {GGUF_SD15}_clip_l.gguf "
+        "(models/text_encoders): run it once, then open 'sd15_gguf'."),
+    "sd15_gguf.json": (
+        "SD1.5 from .gguf files", "Loads the files 'sd15_save_gguf' wrote with Load GGUF Model and "
+        "Load GGUF CLIP (the VAE from the checkpoint), samples, and shows the Memory Report: the "
+        "file's bytes are what sits in memory."),
+    "pixart_quantized.json": (
+        "PixArt-Sigma, quantized", "A PixArt-Sigma diffusion model and its T5-XXL text encoder "
+        "quantized to int8 (torchao:int8wo), sampled at 1024x1024 with the SDXL VAE, and the "
+        "Memory Report."),
+    "pixart_gguf.json": (
+        "PixArt-Sigma from .gguf files", f"A PixArt-Sigma model ({GGUF_PIXART}) and a T5-XXL "
+        f"({GGUF_T5}) read from .gguf files as ComfyUI-GGUF's and llama.cpp's tools write them, "
+        "with the SDXL VAE; the Memory Report lists the GGUF types read."),
+    "flux_quantized.json": (
+        "Flux, quantized", "FLUX.1 [dev] from its files (diffusion model, CLIP-L + T5-XXL from "
+        "Dual CLIP Loader, the 16-channel VAE); the transformer and both text encoders quantized "
+        "to int8 (torchao:int8wo), sampled with FluxGuidance at cfg 1, and the Memory Report."),
+    "auraflow_quantized.json": (
+        "AuraFlow, quantized", "An AuraFlow checkpoint (MMDiT, Pile-T5-XL text encoder, SDXL VAE) "
+        "with its MMDiT and Pile-T5 quantized to int8 (torchao:int8wo), sampled at 1024x1024, "
+        "and the Memory Report."),
+}
+NOTE_TYPE = "MarkdownNote"  # a frontend-only node: never sent to the server
 
 def build(graph: dict, object_info: dict) -> dict:
     nodes, links = [], []
@@ -184,10 +252,28 @@ def build(graph: dict, object_info: dict) -> dict:
             "groups": [], "config": {}, "extra": {"quantkit": "bundled workflow"}, "version": 0.4}
 
 
+def template_note(name: str, node_id: int, order: int) -> dict:
+    if name not in TEMPLATES:
+        raise ValueError(f"{name}: add its title and description to TEMPLATES in {Path(__file__).name}")
+    title, description = TEMPLATES[name]
+    return {"id": node_id, "type": NOTE_TYPE, "pos": [60, -160], "size": [1340, 160], "flags": {},
+            "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+            "widgets_values": [f"## {title}\n\n{description}"]}
+
+
+def workflow(name: str, object_info: dict) -> dict:
+    """The bundled workflow `name`: its graph, and a note with its title and description."""
+    built = build(GRAPHS[name], object_info)
+    note_id = built["last_node_id"] + 1
+    built["nodes"].append(template_note(name, note_id, len(built["nodes"])))
+    built["last_node_id"] = note_id
+    return built
+
+
 def write_all(object_info: dict, out_dir: Path = REPO_ROOT / "workflows") -> list:
     written = []
-    for name, graph in GRAPHS.items():
+    for name in GRAPHS:
         path = out_dir / name
-        path.write_text(json.dumps(build(graph, object_info), indent=1) + "\n")
+        path.write_text(json.dumps(workflow(name, object_info), indent=1) + "\n")
         written.append(path)
     return written

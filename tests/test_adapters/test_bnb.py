@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantkit.backends.engine import registry
-from quantkit.backends.engine.base import hardware_problem, parts_nbytes
-from quantkit.backends.adapters.bnb import BitsAndBytesAdapter
-from quantkit.backends.engine.errors import BackendUnavailable
+from conftest import pack_module
 from harness.backend_checks import (check_missing_package_message, check_plain_parts_with_honest_size,
                                     format_helpers)
 from harness.draws import gaussian, heavy_tailed, rel_err
 from harness.formats import activation_error, weight_error_band
 
-ADAPTER = BitsAndBytesAdapter()
+registry = pack_module("backends.engine.registry")
+hardware_problem = pack_module("backends.engine.base").hardware_problem
+parts_nbytes = pack_module("backends.engine.base").parts_nbytes
+BackendUnavailable = pack_module("backends.engine.errors").BackendUnavailable
+ADAPTER = pack_module("backends.adapters.bnb").BitsAndBytesAdapter()
 FOUR_BIT = ["nf4", "nf4dq", "fp4", "fp4dq"]
 ALL = FOUR_BIT + ["int8"]
 # half-precision outputs (and bnb's half-precision weights on CUDA) round at 2^-8 at most each

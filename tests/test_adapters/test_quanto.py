@@ -6,15 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantkit.backends.engine import registry
-from quantkit.backends.engine.base import hardware_problem, parts_nbytes
-from quantkit.backends.engine.errors import BackendUnavailable
-from quantkit.backends.adapters.quanto import QuantoAdapter, unpack_int4
+from conftest import pack_module
 from harness.backend_checks import (check_missing_package_message, check_plain_parts_with_honest_size,
                                     format_helpers)
 from harness.draws import gaussian, heavy_tailed, rel_err
 
-ADAPTER = QuantoAdapter()
+registry = pack_module("backends.engine.registry")
+hardware_problem = pack_module("backends.engine.base").hardware_problem
+parts_nbytes = pack_module("backends.engine.base").parts_nbytes
+BackendUnavailable = pack_module("backends.engine.errors").BackendUnavailable
+quanto_adapter = pack_module("backends.adapters.quanto")
+unpack_int4 = quanto_adapter.unpack_int4
+ADAPTER = quanto_adapter.QuantoAdapter()
 ALL = ["int8", "fp8", "int4"]
 
 spec, round_trip, assert_in_band = format_helpers(ADAPTER)

@@ -29,6 +29,23 @@ def test_int8_values_equal_torchaos_affine_quantization():
     assert (ours["weight"] != theirs).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("call", ["quantize", "dequantize", "decode_plan", "linear"])
+def test_a_format_the_adapter_lacks_is_the_registrys_unknown_format_error(call):
+    """A spec naming a torchao format that does not exist gets the registry's one error,
+    naming the formats torchao offers (it was a bare KeyError).
+    Shown able to fail: the require_format line removed from torchao.py's _scheme ->
+    KeyError: 'int3wo' escapes pytest.raises(UnknownFormat)."""
+    import dataclasses
+    errors = pack_module("backends.engine.errors")
+    adapter, real = registry.get_format("torchao:int8wo")
+    spec = dataclasses.replace(real, name="int3wo")
+    w = torch.randn(8, 16)
+    args = {"quantize": (w, spec), "dequantize": ({}, spec, w.shape, torch.float32),
+            "decode_plan": (spec, w.shape), "linear": (torch.randn(2, 16), {}, spec, w.shape, None)}[call]
+    with pytest.raises(errors.UnknownFormat, match=r"no format 'int3wo'.*torchao:int8wo.*torchao:int4wo"):
+        getattr(adapter, call)(*args)
+
+
 def test_only_int4_needs_the_torchao_package(monkeypatch):
     """The 8-bit formats are torchao's schemes written in torch: with torchao not installed
     they quantize and compute; int4wo (torchao's quantizer) says what to install.

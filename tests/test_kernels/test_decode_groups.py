@@ -22,11 +22,13 @@ from conftest import pack_module
 REPO = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
-import importlib, json, sys, types
+import importlib, json, sys
 import numpy as np, torch, torch.nn as nn
 import gguf
 from gguf.quants import dequantize as gguf_py_decode
-pack = types.ModuleType("qk_pack"); pack.__path__ = [sys.argv[1]]; sys.modules["qk_pack"] = pack
+sys.path.insert(0, sys.argv[1] + "/tests")
+from harness.comfy_inprocess import import_pack
+import_pack("qk_pack")
 dg = importlib.import_module("qk_pack.backends.kernels.decode_groups")
 quantize = importlib.import_module("qk_pack.backends.engine.quantize")
 Recipe = importlib.import_module("qk_pack.backends.engine.recipes").Recipe

@@ -25,11 +25,13 @@ fast = pack_module("backends.kernels.fast_linear")
 REPO = Path(__file__).resolve().parents[2]
 
 _INTERPRETED = r"""
-import importlib, json, sys, types
+import importlib, json, sys
 import numpy as np, torch
 import gguf
 from gguf.quants import dequantize as ref
-pack = types.ModuleType("qk_pack"); pack.__path__ = [sys.argv[1]]; sys.modules["qk_pack"] = pack
+sys.path.insert(0, sys.argv[1] + "/tests")
+from harness.comfy_inprocess import import_pack
+import_pack("qk_pack")
 kernels = importlib.import_module("qk_pack.backends.kernels.triton_gguf")
 report = {}
 for name, (_, block_len, type_size) in kernels.TYPES.items():

@@ -159,7 +159,7 @@ def test_quantized_text_encoder_adds_only_its_own_bytes_on_gpu(comfy):
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
-    from standins import components
+    from bench.standins import components
     _cuda()
     sds = [fill_state_dict(components.clip_l(), seed=1, heavy=False),
            fill_state_dict(components.clip_g(), seed=2, heavy=False)]  # SDXL's pair, 1.6 GB
@@ -190,7 +190,7 @@ def test_the_source_leaves_the_gpu_when_its_copy_is_made(comfy, upstream, node_i
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
-    from standins import components
+    from bench.standins import components
     _cuda()
     mm.unload_all_models()
     if node_id == "QuantKitQuantizeTextEncoder":
@@ -228,7 +228,7 @@ def test_cuda_only_formats_on_text_encoders(comfy, fmt):
     import torch.nn.functional as F
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
-    from standins import components
+    from bench.standins import components
     _cuda()
     sds = [fill_state_dict(components.clip_l(), seed=1, heavy=False),
            fill_state_dict(components.clip_g(), seed=2, heavy=False)]
@@ -282,7 +282,7 @@ def test_upstream_clip_still_works_after_quantize_text_encoder_on_gpu(comfy):
     import comfy.model_management as mm
     from comfy.sd import CLIPType, load_text_encoder_state_dicts
     from harness.tiny_models import fill_state_dict
-    from standins import components
+    from bench.standins import components
     _cuda()
     clip = load_text_encoder_state_dicts([fill_state_dict(components.clip_l(), seed=1, heavy=False)],
                                          clip_type=CLIPType.STABLE_DIFFUSION)
@@ -334,7 +334,7 @@ def test_comfyui_runs_in_the_mode_under_test(comfy, upstream):
     quantized copy keeps the classic one.
     Shown able to fail (reasoned, GPU only): new_quantized_patcher (nodes/comfy_patcher.py)
     building on the source's class (ModelPatcherDynamic on 0.33) -> the last assertion."""
-    from harness.comfy_inprocess import dynamic_vram_wanted
+    from bench.dynamic_vram import dynamic_vram_wanted
     patcher = upstream[0]
     expected = dynamic_vram_wanted()
     print(f"Dynamic VRAM expected: {expected}")

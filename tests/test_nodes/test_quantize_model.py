@@ -340,7 +340,7 @@ def test_recipe_menu_is_what_saved_workflows_store(comfy):
     nodes/quantize_model.py -> {'sd35', ...} is not within the menu."""
     cls = type(comfy.NODE_CLASS_MAPPINGS["QuantKitQuantizeModel"]())
     menu = cls.INPUT_TYPES()["required"]["recipe"][0]
-    assert menu == ["auto", "sd15", "sdxl", "sd3", "pixart", "generic"]
+    assert menu == ["auto", "sd15", "sdxl", "sd3", "pixart", "flux", "auraflow", "generic"]
     recipes = pack_module("backends.engine.recipes")
     assert all(recipes.get_recipe(name).name == name for name in menu[1:])
     assert set(pack_module("nodes.quantize_model").FAMILY_BY_CONFIG.values()) <= set(menu[1:])

@@ -2,8 +2,6 @@
 (full size, random weights), loaded by ComfyUI's own CLIP loaders."""
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import pytest
@@ -178,31 +176,70 @@ def test_encoders_menu_is_what_saved_workflows_store(comfy):
     assert set(pack_module("nodes.save_quantized_model").ENCODER_ARCH) == set(encoders)
 
 
-def comfy_encoder_layers(name):
-    """Names of the Linear and Conv layers of encoder `name` as ComfyUI builds it (two blocks,
-    on the meta device), relative to the encoder as its recipe matches them."""
-    import comfy.clip_model
-    import comfy.ops
-    import comfy.text_encoders.t5
-    config_file, model = {"clip_l": ("sd1_clip_config.json", comfy.clip_model.CLIPTextModel),
-                          "clip_g": ("clip_config_bigg.json", comfy.clip_model.CLIPTextModel),
-                          "t5xxl": ("text_encoders/t5_config_xxl.json", comfy.text_encoders.t5.T5)}[name]
-    with open(os.path.join(os.path.dirname(comfy.clip_model.__file__), config_file)) as f:
-        config = {**json.load(f), "num_hidden_layers": 2, "num_layers": 2}
-    root = model(config, torch.float32, "meta", comfy.ops.manual_cast)
-    quantizable = pack_module("backends.engine.quantize").QUANTIZABLE
-    return [n for n, m in root.named_modules(prefix="transformer") if isinstance(m, quantizable)]
+def comfy_clips():
+    """{family: (ComfyUI's text-encoder wrapper for it, built full size on the meta device,
+    the encoders Quantize Text Encoder quantizes, the ones it leaves)}: the classes ComfyUI's
+    CLIP loaders instantiate (comfy/sd.py), both versions."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from comfy.text_encoders import (ace, aura_t5, flux, hidream, hydit, lumina2, pixart_t5, sa_t5,
+                                     sd2_clip, sd3_clip, wan)
+    from bench.standins.components import META, meta_build
+    table = {
+        "SD1.5": (comfy.sd1_clip.SD1ClipModel, ["clip_l"], []),
+        "SDXL": (comfy.sdxl_clip.SDXLClipModel, ["clip_l", "clip_g"], []),
+        "SD2": (sd2_clip.SD2ClipModel, ["clip_h"], []),
+        "SD3": (sd3_clip.sd3_clip(), ["clip_l", "clip_g", "t5xxl"], []),
+        "PixArt": (pixart_t5.pixart_te(), ["t5xxl"], []),
+        "Flux": (flux.flux_clip(), ["clip_l", "t5xxl"], []),
+        "AuraFlow": (aura_t5.AuraT5Model, ["pile_t5xl"], []),
+        "Wan": (wan.te(), ["umt5xxl"], []),
+        "Stable Audio": (sa_t5.SAT5Model, ["t5base"], []),
+        "ACE-Step": (ace.AceT5Model, ["umt5base"], []),
+        "Hunyuan-DiT": (hydit.HyditModel, ["mt5xl"], ["hydit_clip"]),
+        "HiDream": (hidream.hidream_clip(), ["clip_l", "clip_g", "t5xxl"], ["llama"]),
+        "Lumina 2": (lumina2.te(), [], ["gemma2_2b"]),
+    }
+    out = {}
+    for family, (cls, known, others) in table.items():
+        with meta_build():
+            out[family] = (cls(device=META, dtype=torch.float16), known, others)
+    return out
+
+
+def test_encoders_found_in_every_clip_comfyui_builds(comfy):
+    """Every CLIP-L/G/H and T5-family encoder of ComfyUI's wrappers is found under its name;
+    other encoders are named as left alone; a CLIP holding none is a clear error.
+    Shown able to fail: ENCODER_NETWORKS in nodes/quantize_text_encoder.py without T5 ->
+    SD3 finds (['clip_l', 'clip_g'], ['t5xxl']); Recipe("pile_t5xl") left out of
+    engine/recipes.py -> AuraFlow's CLIP raises "holds no encoder ... (it holds pile_t5xl)"."""
+    from types import SimpleNamespace
+    node = pack_module("nodes.quantize_text_encoder")
+    for family, (model, known, others) in comfy_clips().items():
+        clip = SimpleNamespace(cond_stage_model=model)
+        if not known:
+            with pytest.raises(errors.QuantKitError, match=rf"holds no encoder Quantize Text Encoder knows "
+                                                           rf"\(it holds {others[0]}\)\..*Connect this CLIP"):
+                node.QuantizeTextEncoder().quantize(clip, "torchao:int8wo", "auto")
+            continue
+        assert node.present_encoders(clip) == (known, others), family
 
 
 def test_text_encoder_recipes_name_only_quantizable_layers(comfy):
-    r"""Every pattern of a text-encoder recipe matches a Linear or Conv layer of its encoder:
-    one that matches only embeddings or layer norms (never quantized) is dead.
+    r"""Every text-encoder recipe is an encoder some ComfyUI CLIP holds, and each of its
+    patterns matches a Linear or Conv layer of that encoder: one that matches only embeddings
+    or layer norms (never quantized) is dead.
     Shown able to fail: clip_l's recipe given keep=(r"embeddings\.",) again -> "clip_l:
     'embeddings\\.' matches no Linear or Conv layer"; t5xxl's given final_projection=
-    (r"(^|\.)final_layer_norm$",) again -> the same for t5xxl."""
+    (r"(^|\.)final_layer_norm$",) again -> the same for t5xxl; a recipe "t5xl" added ->
+    "t5xl: no ComfyUI CLIP holds it"."""
     recipes = pack_module("backends.engine.recipes")
+    quantizable = pack_module("backends.engine.quantize").QUANTIZABLE
+    holders = {name: getattr(model, name) for model, known, _ in comfy_clips().values() for name in known}
     for name in recipes.TEXT_ENCODERS:
-        layers = comfy_encoder_layers(name)
+        assert name in holders, f"{name}: no ComfyUI CLIP holds it"
+        layers = [n for n, m in holders[name].transformer.named_modules(prefix="transformer")
+                  if isinstance(m, quantizable)]
         recipe = recipes.get_recipe(name)
         for pattern in recipe.keep + recipe.final_projection:
             assert any(re.search(pattern, layer) for layer in layers), \
@@ -239,6 +276,33 @@ def test_quantized_clip_with_sdxl_and_sd3_encode_nodes(comfy):
     ref, out = (r[0] if isinstance(r, tuple) else r.result[0] for r in (ref, out))
     assert out[0][0].shape == ref[0][0].shape
     assert cosine(out[0][0], ref[0][0]) > 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.both_versions
+def test_auraflow_pile_t5xl(comfy):
+    """AuraFlow's own encoder (Pile-T5-XL, UMT5-style: a relative-attention table in every
+    block), loaded from the AuraFlow checkpoint: 'auto' quantizes it, its conditioning stays
+    close, and its Linear weights (all but the embedding table) take 8 bits instead of 16.
+    Shown able to fail: Recipe("pile_t5xl") left out of engine/recipes.py -> "holds no
+    encoder Quantize Text Encoder knows (it holds pile_t5xl)"."""
+    clip = load_family_clip("auraflow")
+    ref, _ = encode(clip, PROMPTS[0])
+    digest = state_digest(clip)
+    new, text = quantize(comfy, clip, "torchao:int8wo")
+    assert quantized_encoders(new) == {"pile_t5xl"} and text.startswith("pile_t5xl: torchao:int8wo")
+    cond, _ = encode(new, PROMPTS[0])
+    before, after = clip.patcher.model_size(), new.patcher.model_size()
+    t5 = clip.cond_stage_model.pile_t5xl.transformer
+    linear = sum(m.weight.numel() for m in t5.modules() if isinstance(m, torch.nn.Linear))
+    rows = sum(m.weight.shape[0] for m in t5.modules() if isinstance(m, torch.nn.Linear))
+    print(f"auraflow pile_t5xl int8wo: cosine {cosine(cond, ref):.5f}, rel {rel_err(cond, ref):.4f}; "
+          f"{before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
+    assert torch.isfinite(cond).all() and cosine(cond, ref) >= min_cosine(8, deep=True)
+    # every Linear weight from 2 bytes to 1, plus one scale of at most 4 bytes per output row
+    # (one 2048 x 2048 layer left in 16 bits would add 4 MiB, twice what all scales take)
+    assert 0 < after - (before - linear) <= 4 * rows
+    assert state_digest(clip) == digest
 
 
 # Last in the module: the full T5-XXL fixture then never sits beside the other tests' encoders.

@@ -1,6 +1,6 @@
 """Load every stand-in with ComfyUI's real loaders (in-process, CPU) and run it once.
 
-    python -m tests.standins.check [--out DIR] [--only sd15,sdxl,...] [--latent 40]
+    python -m bench.standins.check [--out DIR] [--only sd15,sdxl,...] [--latent 40]
 
 Each check runs in its own Python process (so its peak RSS is its own) and reports: what
 ComfyUI detected (model class, config, text encoders, VAE), parameter counts, and whether a
@@ -35,6 +35,9 @@ CHECKS = {
     "pixart": (("pixart_sigma_d2", "t5xxl_fp8", "sdxl_vae"),
                "UNETLoader + CLIPLoader(pixart, t5 fp8 kept fp8) + VAELoader(SDXL VAE)"),
     "text_encoders": (("clip_l", "clip_g"), "CLIPLoader(clip_l), DualCLIPLoader(sdxl: clip_l + clip_g)"),
+    "flux": (("flux_d1", "clip_l", "t5xxl_fp8", "sd3_vae"),
+             "UNETLoader + DualCLIPLoader(flux: clip_l + t5 fp8) + VAELoader(SD3 VAE, Flux's tensors)"),
+    "auraflow": (("auraflow_d2",), "CheckpointLoaderSimple on the AuraFlow checkpoint (Pile-T5-XL inside)"),
 }
 
 
@@ -99,7 +102,7 @@ class _Run:
     def describe_clip(self, clip, label="clip"):
         te = clip.cond_stage_model
         parts = {}
-        for name in ("clip_l", "clip_g", "t5xxl", "clip_h"):
+        for name in ("clip_l", "clip_g", "t5xxl", "clip_h", "pile_t5xl"):
             sub = getattr(te, name, None)
             if sub is not None:
                 parts[name] = {"parameters": _params(sub), "dtype": _main_dtype(sub)}
@@ -152,9 +155,10 @@ def _run_check(name: str, paths: dict, latent_size: int) -> dict:
     run = _Run(name)
     CT = comfy.sd.CLIPType
     with torch.inference_mode():
-        if name in ("sd15", "sdxl", "sd3_d2"):
+        if name in ("sd15", "sdxl", "sd3_d2", "auraflow"):
             opts = {"dtype": torch.bfloat16} if name == "sdxl" else {}
-            model, clip, vae, _ = run.timed("load", comfy.sd.load_checkpoint_guess_config, paths[name],
+            path = paths["auraflow_d2" if name == "auraflow" else name]
+            model, clip, vae, _ = run.timed("load", comfy.sd.load_checkpoint_guess_config, path,
                                             output_vae=True, output_clip=True, model_options=opts)
             run.describe_model(model)
             run.describe_clip(clip)
@@ -193,6 +197,17 @@ def _run_check(name: str, paths: dict, latent_size: int) -> dict:
             # ComfyUI's PixArt position embedding fails below a 40x40 latent (ZeroDivisionError).
             samples = _step(run, model, cond, max(latent_size, 40))
             _vae(run, vae, samples)
+        elif name == "flux":
+            model = run.timed("load", comfy.sd.load_diffusion_model, paths["flux_d1"])
+            clip = run.timed("load_clip", comfy.sd.load_clip, [paths["clip_l"], paths["t5xxl_fp8"]],
+                             clip_type=CT.FLUX)
+            vae = run.timed("load_vae", lambda p: comfy.sd.VAE(sd=comfy.utils.load_torch_file(p)), paths["sd3_vae"])
+            run.describe_model(model)
+            run.describe_clip(clip)
+            run.describe_vae(vae)
+            cond = _encode(run, clip)
+            samples = _step(run, model, cond, latent_size)
+            _vae(run, vae, samples)
         elif name == "text_encoders":
             clip = run.timed("load_clip_l", comfy.sd.load_clip, [paths["clip_l"]], clip_type=CT.STABLE_DIFFUSION)
             run.describe_clip(clip, "clip_l")
@@ -214,7 +229,7 @@ def _child(name: str, out_dir: str, latent_size: int) -> int:
     missing = [p for n in CHECKS[name][0] for p in [paths[n]] if not os.path.isfile(p)]
     start = time.monotonic()
     if missing:
-        result = {"check": name, "ok": False, "error": f"not built: {missing}; run python -m tests.standins.build"}
+        result = {"check": name, "ok": False, "error": f"not built: {missing}; run python -m bench.standins.build"}
     else:
         try:
             result = _run_check(name, paths, latent_size)
@@ -265,7 +280,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.standins.check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.standins.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="stand-in models tree (default: $QUANTKIT_STANDINS)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {','.join(CHECKS)}")
     parser.add_argument("--latent", type=int, default=32, help="latent side (PixArt always uses >= 40)")
@@ -281,7 +296,7 @@ def main(argv=None) -> int:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     failed = 0
     for name in names:
-        proc = subprocess.run([sys.executable, "-m", "tests.standins.check", "--item", name, "--out", out_dir,
+        proc = subprocess.run([sys.executable, "-m", "bench.standins.check", "--item", name, "--out", out_dir,
                                "--latent", str(args.latent)], cwd=repo, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
         if lines:

@@ -1,6 +1,6 @@
-"""Build (or reuse) random-weight stand-ins for SD1.5, SDXL, SD3 and PixArt-Sigma files.
+"""Build (or reuse) random-weight stand-ins for SD1.5, SDXL, SD3, PixArt-Sigma, Flux and AuraFlow files.
 
-    python -m tests.standins.build [--families sd15,sdxl,sd3,sd3_tiny,pixart|all] [--out DIR]
+    python -m bench.standins.build [--families sd15,sdxl,sd3,sd3_tiny,pixart,flux,auraflow|all] [--out DIR]
 
 DIR defaults to $QUANTKIT_STANDINS and is laid out as a ComfyUI models tree (checkpoints/,
 diffusion_models/, text_encoders/, vae/). Every file gets a JSON stamp beside it
@@ -177,7 +177,7 @@ def ensure_standins(families: Iterable[str] = ("all",), out_dir: Optional[str] =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.standins.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.standins.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="all",
                         help=f"comma-separated: {','.join(catalog.FAMILIES)} or all (default: all)")
     parser.add_argument("--out", default=None, help="models tree to fill (default: $QUANTKIT_STANDINS)")

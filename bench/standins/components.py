@@ -83,6 +83,37 @@ def pixart_sigma_unet(depth: int) -> dict:
             "model_max_length": 300, "image_model": "pixart_sigma", "micro_condition": False}
 
 
+def flux_unet(depth: int, single_depth: int) -> dict:
+    """FLUX.1 [dev] (guidance embedder, CLIP-L pooled input) at `depth` double-stream and
+    `single_depth` single-stream blocks; the real model has 19 and 38. ComfyUI 0.3.75's
+    detection fixes 24 heads of 128 (hidden 3072); later ones derive the heads from the width."""
+    import_comfy()
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+    config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+              "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+              "depth": depth, "depth_single_blocks": single_depth, "axes_dim": [16, 56, 56],
+              "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # ComfyUI 0.4+
+        config["txt_ids_dims"] = []
+    return config
+
+
+def auraflow_unet(double_layers: int, layers: int) -> dict:
+    """AuraFlow's MMDiT: `double_layers` joint blocks of `layers` in all (v0.3: 4 of 36). Width
+    3072 and 12 heads are the class's defaults (detection reads neither); max_seq is read
+    from the positional encoding: 32 x 32 patches, the class's default."""
+    return {"max_seq": 1024, "cond_seq_dim": 2048, "n_double_layers": double_layers, "n_layers": layers}
+
+
+def bfl_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Flux tensors as Black Forest Labs' files name them: RMSNorm scales end in `_norm.scale`.
+    ComfyUI 0.3.75 builds them so; later versions build `_norm.weight` and rename `.scale`
+    on load (Flux.process_unet_state_dict), so a file with `.scale` loads on both."""
+    return {(k[:-len(".weight")] + ".scale" if k.endswith("_norm.weight") else k): v
+            for k, v in state_dict.items()}
+
+
 def _model_config(class_name: str, unet_config: dict, dtype: torch.dtype):
     import_comfy()
     import comfy.supported_models
@@ -131,8 +162,11 @@ def verify_detection(state_dict: Dict[str, torch.Tensor], expected_class: str, d
     prefix = md.unet_prefix_from_state_dict(state_dict)
     if not any(k.startswith(prefix) for k in state_dict):
         prefix = ""
-    mine = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
     config = {k: v for k, v in unet_config.items() if k not in ("dtype",)}
+    # as ComfyUI's loader renames the file's tensors before loading them (e.g. Flux's .scale)
+    loaded = _model_config(expected_class, config, dtype).process_unet_state_dict(
+        {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+    mine = {k: tuple(v.shape) for k, v in loaded.items()}
     model = diffusion_model(expected_class, config, dtype)
     theirs = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
     if mine != theirs:
@@ -168,6 +202,15 @@ def t5xxl(dtype=torch.float16) -> Dict[str, torch.Tensor]:
     import comfy.text_encoders.sd3_clip
     with meta_build():
         m = comfy.text_encoders.sd3_clip.T5XXLModel(device=META, dtype=dtype)
+    return dict(m.transformer.state_dict())
+
+
+def pile_t5xl(dtype=torch.float16) -> Dict[str, torch.Tensor]:
+    """AuraFlow's Pile-T5-XL encoder (24 UMT5-style blocks, 2048 wide), as AuraT5Model holds it."""
+    import_comfy()
+    import comfy.text_encoders.aura_t5
+    with meta_build():
+        m = comfy.text_encoders.aura_t5.PT5XlModel(device=META, dtype=dtype)
     return dict(m.transformer.state_dict())
 
 

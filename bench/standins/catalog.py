@@ -18,6 +18,10 @@ SEED = 20240611
 SD3_DEPTH = 2
 SD3_TINY_DEPTH = 1
 PIXART_DEPTH = 2
+# Flux and AuraFlow are 3072 wide at any depth: one block of each kind is the least that
+# holds every layer kind their recipes name (detection needs one double block, no single one).
+FLUX_DEPTH = 1, 1  # double-stream, single-stream blocks
+AURAFLOW_DEPTH = 1, 2  # joint (double) layers, all layers
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,19 @@ def _pixart():
     return c.diffusion_model_file("PixArtSigma", c.pixart_sigma_unet(PIXART_DEPTH))
 
 
+def _flux():
+    from . import components as c
+    return c.bfl_names(c.diffusion_model_file("Flux", c.flux_unet(*FLUX_DEPTH)))
+
+
+def _auraflow():
+    from . import components as c
+    c.import_comfy()
+    import comfy.text_encoders.aura_t5
+    return c.checkpoint("AuraFlow", c.auraflow_unet(*AURAFLOW_DEPTH),
+                        c.checkpoint_clip(comfy.text_encoders.aura_t5.AuraT5Model), c.vae_kl4())
+
+
 def _component(fn_name: str):
     def build():
         from . import components as c
@@ -86,6 +103,8 @@ _CLIP_G = (("conditioner.embedders.1.model.", "clip_g_openclip"),   # SDXL: Open
            ("text_encoders.clip_g.transformer.", "clip_g"))
 _KL4 = (("first_stage_model.", "vae_kl4"),)
 _SD3_VAE = (("first_stage_model.", "vae_sd3"),)
+_PILE_T5 = (("text_encoders.pile_t5xl.transformer.", "pile_t5xl"),)
+_AURAFLOW_VAE = (("vae.", "vae_kl4"),)  # AuraFlow checkpoints keep the VAE under vae.
 
 STANDINS: Tuple[StandIn, ...] = (
     StandIn("sd15", "checkpoints/qk_sd15.safetensors", ("sd15",), torch.float16, _sd15, "SD15",
@@ -98,19 +117,25 @@ STANDINS: Tuple[StandIn, ...] = (
             _CLIP_L + _CLIP_G + _SD3_VAE, f"SD3 MMDiT depth {SD3_DEPTH} + CLIP-L + CLIP-G + SD3 VAE"),
     StandIn("sd3_tiny", "diffusion_models/qk_sd3_tiny.safetensors", ("sd3", "sd3_tiny"), torch.float16,
             _sd3_tiny, "SD3", (), f"SD3 MMDiT depth {SD3_TINY_DEPTH} (hidden {64 * SD3_TINY_DEPTH})"),
-    StandIn("sd3_vae", "vae/qk_sd3_vae.safetensors", ("sd3", "sd3_tiny"), torch.float16,
-            _component("vae_sd3"), None, (("", "vae_sd3"),), "SD3 VAE (16 latent channels)"),
-    StandIn("clip_l", "text_encoders/qk_clip_l.safetensors", ("sd3", "sd3_tiny"), torch.float16,
+    StandIn("sd3_vae", "vae/qk_sd3_vae.safetensors", ("sd3", "sd3_tiny", "flux"), torch.float16,
+            _component("vae_sd3"), None, (("", "vae_sd3"),),
+            "SD3 VAE (16 latent channels; Flux's has the same tensors)"),
+    StandIn("clip_l", "text_encoders/qk_clip_l.safetensors", ("sd3", "sd3_tiny", "flux"), torch.float16,
             _component("clip_l"), None, (("", "clip_l"),), "CLIP-L text encoder"),
     StandIn("clip_g", "text_encoders/qk_clip_g.safetensors", ("sd3",), torch.float16,
             _component("clip_g"), None, (("", "clip_g"),), "CLIP-G text encoder"),
-    StandIn("t5xxl_fp8", "text_encoders/qk_t5xxl_fp8.safetensors", ("sd3", "pixart"), torch.float8_e4m3fn,
+    StandIn("t5xxl_fp8", "text_encoders/qk_t5xxl_fp8.safetensors", ("sd3", "pixart", "flux"), torch.float8_e4m3fn,
             _component("t5xxl"), None, (("", "t5xxl"),), "full T5-XXL encoder, float8_e4m3fn"),
     StandIn("pixart_sigma_d2", "diffusion_models/qk_pixart_sigma_d2.safetensors", ("pixart",), torch.float16,
             _pixart, "PixArtSigma", (), f"PixArt-Sigma depth {PIXART_DEPTH} (hidden 1152, 16 heads)"),
+    StandIn("flux_d1", "diffusion_models/qk_flux_d1.safetensors", ("flux",), torch.float16, _flux, "Flux", (),
+            f"FLUX.1 [dev] with {FLUX_DEPTH[0]} double- and {FLUX_DEPTH[1]} single-stream block (hidden 3072)"),
+    StandIn("auraflow_d2", "checkpoints/qk_auraflow_d2.safetensors", ("auraflow",), torch.float16, _auraflow,
+            "AuraFlow", _PILE_T5 + _AURAFLOW_VAE, f"AuraFlow MMDiT with {AURAFLOW_DEPTH[0]} joint layer of "
+            f"{AURAFLOW_DEPTH[1]} (hidden 3072) + full Pile-T5-XL encoder + SDXL VAE"),
 )
 
-FAMILIES: Tuple[str, ...] = ("sd15", "sdxl", "sd3", "sd3_tiny", "pixart")
+FAMILIES: Tuple[str, ...] = ("sd15", "sdxl", "sd3", "sd3_tiny", "pixart", "flux", "auraflow")
 
 
 def for_families(families) -> Tuple[StandIn, ...]:
