@@ -11,9 +11,10 @@ import comfy.utils
 
 from ..backends.engine.clone import clone_tree
 from ..backends.engine.errors import QuantKitError
-from ..backends.engine.quantize import QUANTIZABLE, quantize_tree
+from ..backends.engine.quantize import quantize_tree
 from ..backends.engine.recipes import get_recipe
 from .comfy_layers import LAYER_CLASSES
+from .comfy_source_layers import is_layer, true_weight
 from .comfy_patcher import (is_loader_state, new_quantized_patcher, reset_loader_state_defaults,
                             set_reload_recipe, settle_stored_dtypes)
 
@@ -46,7 +47,7 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
                           drop=lambda attr: is_loader_state(attr) or attr == "quantkit_reports")
     reset_loader_state_defaults(new_root)
     baked = set()
-    total = sum(sum(isinstance(m, QUANTIZABLE) for m in _subtree(new_root, path).modules())
+    total = sum(sum(is_layer(m) for m in _subtree(new_root, path).modules())
                 for path, _, _ in targets)
     bar = comfy.utils.ProgressBar(max(total, 1))
     done = [0]
@@ -56,7 +57,7 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
 
         def weight_of(name, module, prefix=prefix):
             key = f"{prefix}{name}.weight"
-            w = module.weight.detach()
+            w = true_weight(key, module, module.weight)  # e.g. a scaled fp8 layer's weight x scale
             if key in source.patches:
                 w = comfy.lora.calculate_weight(source.patches[key], w.to(device, torch.float32,
                                                 copy=True), key)
@@ -73,7 +74,7 @@ def quantize_patcher(source, targets, format_id: str, exclude: str, quantize_on:
                                target=label, exclude=exclude or None,
                                run_device=source.load_device, work_device=device,
                                weight_of=weight_of, layer_cls=LAYER_CLASSES, progress=progress,
-                               plan=(plans or {}).get(path))
+                               plan=(plans or {}).get(path), is_layer=is_layer)
         done[0] += len(report.layers)
         reports.append(report)
     settle_stored_dtypes(new_root)

@@ -8,17 +8,37 @@ import comfy.model_management
 import comfy.utils
 import torch
 
+from ..backends.engine.errors import BudgetUnreachable, QuantKitError
 from ..backends.engine.fit_layers import (check_candidates, default_candidates, fixed_parts,
                                           nominal_smallest)
-from ..backends.engine.errors import BudgetUnreachable, QuantKitError
 from ..backends.engine.fit_plan import check_plan_bytes, gib, layer_plan, plan_fit, summary_lines
+from ..backends.engine.quantize import QUANTIZABLE
 from ..backends.engine.recipes import get_recipe
 from .budget_calibration import measure_model
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher, work_device
+from .comfy_source_layers import is_layer
 from .quantize_model import detect_family
 
 PERCENT, GIB, THIS_GPU = "% of 16-bit size", "GiB", "this GPU: GiB to leave free"
 BUDGET_MODES = [PERCENT, GIB, THIS_GPU]
+
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_layers(root: torch.nn.Module) -> None:
+    """The fit measures and counts plain float Linear/Conv layers; a source whose layers hold
+    scaled fp8 or core quantized weights is refused (Quantize Model reads those)."""
+    for name, module in root.named_modules():
+        weight = getattr(module, "weight", None)
+        if not is_layer(module):
+            continue
+        plain = isinstance(module, QUANTIZABLE) and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        if not plain or weight.dtype not in _FLOAT or getattr(module, "scale_weight", None) is not None:
+            raise QuantKitError(
+                f"Layer '{name}' stores its weight as {type(weight).__name__} {weight.dtype}, not "
+                f"as plain 16/32-bit floats, and Fit Model to VRAM Budget measures float layers "
+                f"only. Load the model from a 16-bit file (weight_dtype 'default'), then fit it.")
 
 
 def parse_candidates(text: str, device) -> tuple:
@@ -124,6 +144,7 @@ class FitModelToBudget:
 
     def fit(self, model, positive, latent, budget_mode, budget, negative=None, steps=4, seed=0,
             candidates="", exclude="", quantize_on="auto"):
+        check_float_layers(model.model.diffusion_model)
         family = detect_family(model)
         recipe = get_recipe(family)
         device = work_device(quantize_on)

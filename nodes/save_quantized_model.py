@@ -14,6 +14,7 @@ from ..backends.engine.errors import FormatUnsupported, QuantKitError
 from ..backends.gguf.convert import ARCHITECTURES
 from ..backends.gguf.export import describe, save_gguf
 from ..backends.engine.native_export import native_state_dict
+from .comfy_source_layers import stored_as_floats
 from .model_paths import escapes
 from .quantize_model import detect_family
 
@@ -119,7 +120,8 @@ class SaveQuantizedModel:
         start = time.perf_counter()
         if native is None:
             arch = architecture(model)
-            tensors = save_gguf(model.model.diffusion_model, path, arch, _name_of(path))
+            tensors = save_gguf(model.model.diffusion_model, path, arch, _name_of(path),
+                                own_floats=stored_as_floats)
             lines = [f"wrote {path} ({_mib(path)}, architecture {arch}, {describe(tensors)})"]
         else:
             sd = native_state_dict(model.model.diffusion_model, native)
@@ -130,7 +132,7 @@ class SaveQuantizedModel:
             root = getattr(clip.cond_stage_model, encoder).transformer
             # an encoder the quantize node kept (SD3's CLIP-G) is written in its float type
             tensors = save_gguf(root, te_path, ENCODER_ARCH[encoder], _name_of(te_path),
-                                require_quantized=False)
+                                require_quantized=False, own_floats=stored_as_floats)
             lines.append(f"wrote {te_path} ({_mib(te_path)}, {encoder}, {describe(tensors)})")
         lines.append(f"in {time.perf_counter() - start:.1f} s")
         return {"ui": {"text": ("\n".join(lines),)}}

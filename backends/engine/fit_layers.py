@@ -47,8 +47,9 @@ def fixed_parts(root: nn.Module, recipe: Recipe, exclude: Optional[str]):
     counted as QuantReport counts them."""
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
     in_layers = {id(m) for _, m in layers}
-    fixed = sum(p.nelement() * p.element_size() for m in root.modules() if id(m) not in in_layers
-                for p in m.parameters(recurse=False))
+    others = {id(p): p for m in root.modules() if id(m) not in in_layers  # a tied one once
+              for p in m.parameters(recurse=False)}
+    fixed = sum(p.nelement() * p.element_size() for p in others.values())
     searched, kept = {}, {}
     for name, module in layers:
         reason = recipe_keep_reason(name, module, recipe, exclude)

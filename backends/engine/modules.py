@@ -160,7 +160,7 @@ def make_quantized(module: nn.Module, adapter: BackendAdapter, spec: FormatSpec,
     supply subclasses with its own hooks; `shape` is the float weight's when the module
     holds none (a layer read from a quantized file)."""
     shape = module.weight.shape if shape is None else torch.Size(shape)
-    if isinstance(module, nn.Linear):
+    if not isinstance(module, nn.modules.conv._ConvNd):  # nn.Linear, or a host's own Linear
         cls = layer_cls[0] if layer_cls else QuantizedLinear
         return cls(adapter, spec, shape, parts, bias)
     cls = layer_cls[1] if layer_cls else QuantizedConv

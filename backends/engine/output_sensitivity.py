@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modules import QuantizedLayer
+
 Replay = Callable[[], torch.Tensor]
 FISHER_BLOCK = 32  # input columns pooled per Fisher entry (GGUF blocks are 32 or 256 wide)
 
@@ -130,10 +132,13 @@ def _weight_grad(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch
 
 def _swap_small_tensors(root: nn.Module, layers: Iterable[nn.Module]) -> List[tuple]:
     """Normal (not inference) copies of every parameter and buffer outside `layers`' weights
-    and biases; returns what to put back."""
+    and biases and outside layers already quantized (their parts are decoded, never saved);
+    returns what to put back."""
     skip = {id(t) for m in layers for t in (m.weight, m.bias) if t is not None}
     undo = []
     for module in root.modules():
+        if isinstance(module, QuantizedLayer):
+            continue
         for table in (module._parameters, module._buffers):
             for key, t in list(table.items()):
                 if t is None or id(t) in skip:

@@ -16,15 +16,12 @@ from .modules import make_quantized
 from .recipes import Recipe
 from .registry import check_usable, get_format
 from .report import FALLBACK, KEPT, QUANTIZED, QuantReport
+from .storage_census import own_stored_bytes
 
 log = logging.getLogger("quantkit")
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Progress = Callable[[int, int], None]
-
-
-def _nbytes(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.nelement() * t.element_size()
 
 
 def _matches(patterns, name: str) -> bool:
@@ -124,7 +121,8 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
                   exclude: Optional[str] = None, run_device="cpu", work_device="cpu",
                   weight_of: Optional[Callable[[str, nn.Module], torch.Tensor]] = None,
                   layer_cls=None, progress: Optional[Progress] = None,
-                  plan: Optional[LayerPlan] = None) -> QuantReport:
+                  plan: Optional[LayerPlan] = None,
+                  is_layer: Optional[Callable[[nn.Module], bool]] = None) -> QuantReport:
     """Replaces quantizable layers of `root` (in place) and returns what was done.
 
     run_device: where the model will compute (checked against the format's needs).
@@ -133,6 +131,8 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
     weight_of(name, module): the float weight to quantize (lets a host bake patches).
     plan: a format per layer (budget.py); `format_id` then only names the result in the
     report, and the recipe and `exclude` have already been applied by whoever made the plan.
+    is_layer(module): which modules are layers (default: QUANTIZABLE); a host whose own
+    Linear is no nn.Linear names it here, and its weight_of returns the float weight.
     """
     if plan is None:
         adapter, spec = _usable_format(format_id, run_device)
@@ -147,7 +147,8 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
                                 f"expression ({exc}). Example: 'attn2|proj_out'.") from None
     report = QuantReport(target=target, format_id=format_id, recipe=recipe.name,
                          device=str(work_device), notes=() if plan is None else plan.notes)
-    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
+    is_layer = is_layer or (lambda m: isinstance(m, QUANTIZABLE))
+    layers = [(n, m) for n, m in root.named_modules() if is_layer(m)]
     in_layers = {id(m) for _, m in layers}
     # a tied parameter (transformers' T5: shared and encoder.embed_tokens) is counted once
     report.record_other({id(p): p for m in root.modules() if id(m) not in in_layers
@@ -159,7 +160,7 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
         else:
             action, use_spec, reason = _planned_layer(name, plan)
         values = module.weight.nelement() + (0 if module.bias is None else module.bias.nelement())
-        before = _nbytes(module.weight) + _nbytes(module.bias)
+        before = own_stored_bytes(module)  # as stored: a scaled fp8 layer's scale too
         if use_spec is None:
             report.record(name, module.weight.shape, KEPT, None, reason, values=values,
                           stored_bytes=before, source_bytes=before)

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
+from .storage_census import stored_nbytes
+
 QUANTIZED, FALLBACK, KEPT = "quantized", "fallback", "kept"
 SOURCE, AT_16_BITS = "source", "16-bit"
 
@@ -58,7 +60,7 @@ class QuantReport:
     def record_other(self, tensors: Iterable[torch.Tensor]) -> None:
         """Parameters outside the recorded layers, kept as they are."""
         for t in tensors:
-            stored = t.nelement() * t.element_size()
+            stored = stored_nbytes(t)  # a core QuantizedTensor: its data and scales
             self.other_bytes += stored
             self.other_bytes_before += self.reference_bytes(t.nelement(), stored)
 

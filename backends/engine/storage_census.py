@@ -127,6 +127,18 @@ def _own_tensors(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor, bool]]:
             yield name, b, False
 
 
+def own_stored_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own parameters and buffers as stored (a core QuantizedTensor: its
+    data and scales; a scaled fp8 layer: its float8 weight and its scale)."""
+    return sum(stored_nbytes(t) for _, t, _ in _own_tensors(module))
+
+
+def stored_nbytes(t: torch.Tensor) -> int:
+    """What a tensor takes as stored, wherever it is (also on the meta device)."""
+    foreign = _foreign_format(t)
+    return _nbytes(t) if foreign is None else foreign[1]
+
+
 def census_tree(root: nn.Module) -> TreeCensus:
     """Every parameter and buffer of `root`, each memory counted once."""
     census = TreeCensus()

@@ -3,7 +3,7 @@ keep their exact bytes, everything else (kept layers, biases, norms, buffers) is
 its own float type (F32, F16 or BF16; other dtypes as F32)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
@@ -13,6 +13,7 @@ from ..engine.errors import FormatUnsupported
 from .file import write_gguf
 from ..engine.modules import QuantizedLayer
 
+OwnFloats = Callable[[str, nn.Module], Optional[Dict[str, torch.Tensor]]]
 FLOAT_TYPE_OF = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -23,8 +24,10 @@ def float_entry(tensor: torch.Tensor) -> tuple:
     return qtype, data if qtype != "F32" else data.float(), tuple(tensor.shape)
 
 
-def gguf_tensors(root: nn.Module) -> dict:
-    """name -> (qtype, data, torch shape), in the key layout of root's state_dict."""
+def gguf_tensors(root: nn.Module, own_floats: Optional[OwnFloats] = None) -> dict:
+    """name -> (qtype, data, torch shape), in the key layout of root's state_dict.
+    own_floats(name, module): a module's tensors as floats where the host stores them
+    otherwise (a scaled fp8 layer: its weight x scale, the scale left out), else None."""
     tensors = {}
     quantized = {n: m for n, m in root.named_modules() if isinstance(m, QuantizedLayer)}
     for name, layer in quantized.items():
@@ -38,16 +41,17 @@ def gguf_tensors(root: nn.Module) -> dict:
     for name, module in root.named_modules():
         if name in quantized or any(name.startswith(q + ".") for q in quantized if q):
             continue
+        floats = None if own_floats is None else own_floats(name, module)
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for pname, tensor in own:
+        for pname, tensor in (own if floats is None else floats.items()):
             key = f"{name}.{pname}" if name else pname
             tensors[key] = float_entry(tensor)
     return tensors
 
 
 def save_gguf(root: nn.Module, path, arch: str, metadata: Optional[dict] = None,
-              require_quantized: bool = True) -> dict:
-    tensors = gguf_tensors(root)
+              require_quantized: bool = True, own_floats: Optional[OwnFloats] = None) -> dict:
+    tensors = gguf_tensors(root, own_floats)
     if require_quantized and not any(qtype not in FLOAT_TYPE_OF.values() for qtype, _, _ in tensors.values()):
         raise FormatUnsupported("This model holds no GGUF-quantized layer, so a .gguf file would "
                                 "only repeat its float weights. Quantize it with a gguf:* format "

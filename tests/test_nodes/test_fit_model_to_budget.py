@@ -229,7 +229,19 @@ def test_this_gpu_is_comfyuis_arithmetic_and_the_result_loads_whole(comfy):
             - patcher.memory_required([2, *LATENT["samples"].shape[1:]]))
     fitted, text = fit(comfy, patcher, THIS_GPU, (room - 0.6 * size16) / GIB)
     assert fitted.model.quantkit_reports[-1].bytes_after <= 0.6 * size16 + 1024, text
-    out = denoise(fitted, sd3_inputs())
+    out = denoise(fitted, {k: v.to(device) for k, v in sd3_inputs().items()})  # the model is on the GPU
     assert torch.isfinite(out).all()
     assert fitted.loaded_size() == fitted.model_size(), "loaded whole"
     mm.unload_all_models()
+
+
+def test_layers_not_stored_as_plain_floats_are_refused(comfy):
+    """A scaled fp8 or core-quantized source would be measured and counted wrong: refused with
+    what to do. Shown able to fail: check_float_layers without its dtype test -> the float8
+    layer passes."""
+    check = pack_module("nodes.fit_model_to_budget").check_float_layers
+    root = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    check(root)  # float: fine
+    root[1].weight = torch.nn.Parameter(root[1].weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(errors.QuantKitError, match=r"Layer '1' stores its weight as .*float8_e4m3fn.*16-bit file"):
+        check(root)
