@@ -12,7 +12,7 @@ from ..backends.engine.errors import BudgetUnreachable, QuantKitError
 from ..backends.engine.fit_layers import (check_candidates, default_candidates, fixed_parts,
                                           nominal_smallest)
 from ..backends.engine.fit_plan import check_plan_bytes, gib, layer_plan, plan_fit, summary_lines
-from ..backends.engine.quantize import QUANTIZABLE
+from ..backends.engine.quantize import QUANTIZABLE, check_exclude
 from ..backends.engine.recipes import get_recipe
 from .budget_calibration import measure_model
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher, work_device
@@ -150,12 +150,7 @@ class FitModelToBudget:
         device = work_device(quantize_on)
         formats = parse_candidates(candidates, model.load_device)
         check_candidates(formats, model.load_device)
-        if exclude:
-            try:
-                re.compile(exclude)
-            except re.error as exc:
-                raise QuantKitError(f"The exclude pattern '{exclude}' is not a valid regular "
-                                    f"expression ({exc}). Example: 'attn2|proj_out'.") from None
+        check_exclude(exclude)
         target, words = budget_bytes(model, budget_mode, budget, latent, negative is not None)
         searched, kept, fixed = fixed_parts(model.model.diffusion_model, recipe, exclude or None)
         least = nominal_smallest(searched, fixed, formats, recipe)

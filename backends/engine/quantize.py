@@ -67,6 +67,16 @@ def recipe_keep_reason(name, module, recipe: Recipe, exclude: Optional[str]) -> 
     return None
 
 
+def check_exclude(exclude: Optional[str]) -> None:
+    """A clear error for an exclude pattern that is not a regular expression."""
+    if exclude:
+        try:
+            re.compile(exclude)
+        except re.error as exc:
+            raise QuantKitError(f"The exclude pattern '{exclude}' is not a valid regular "
+                                f"expression ({exc}). Example: 'attn2|proj_out'.") from None
+
+
 def plan_layer(name, module, adapter, spec, recipe: Recipe, exclude: Optional[str]):
     """(action, spec or None, reason) for one layer, without doing any work."""
     weight = module.weight
@@ -139,12 +149,7 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
     else:
         for used in sorted({f for f in plan.formats.values() if f is not None}):
             _usable_format(used, run_device)
-    if exclude:
-        try:
-            re.compile(exclude)
-        except re.error as exc:
-            raise QuantKitError(f"The exclude pattern '{exclude}' is not a valid regular "
-                                f"expression ({exc}). Example: 'attn2|proj_out'.") from None
+    check_exclude(exclude)
     report = QuantReport(target=target, format_id=format_id, recipe=recipe.name,
                          device=str(work_device), notes=() if plan is None else plan.notes)
     is_layer = is_layer or (lambda m: isinstance(m, QUANTIZABLE))
