@@ -139,6 +139,7 @@ def run_model(env, spec, dist, device, check: bool) -> list:
     free(device)
     # bf16 as on a GPU, also on a CPU (its kept layers then take the bytes they take there)
     source = models.build_diffusion(env, spec, sd, torch.bfloat16, device)
+    _mod("nodes.comfy_patcher").settle_stored_dtypes(source.model)  # Dynamic VRAM keeps the fp32 draw
     del sd
     free(device)
     formats = fit_layers.default_candidates(device)
@@ -157,7 +158,9 @@ def run_model(env, spec, dist, device, check: bool) -> list:
     v = Variants(source, measured, parts, spec.recipe)
     size16 = fit_node.size_at_16_bits(source.model.diffusion_model)
     base = {"model": spec.key, "label": spec.label, "dist": dist, "latent": spec.latent,
-            "bf16_bytes": size16, "measure_s": measure_s}
+            "bf16_bytes": size16, "measure_s": measure_s,
+            "bf16_err": rel_error(_output(source, inputs), ref)}  # the floor: no layer quantized
+    sys.modules["comfy.model_management"].unload_all_models()
     singles = {}
     for fmt in formats:
         plan = v.uniform(fmt)
@@ -245,10 +248,14 @@ def table(rows) -> str:
     def pct(b, ref):
         return f"{100 * b / ref:5.1f}%"
     lines = ["model   weights  budget   single format (bytes, error)        mix (bytes, error, est.)       mix/single"]
+    floors = set()
     for r in rows:
         if r["kind"] == "check":
             continue
         name = f"{r['model']:7} {r['dist']:7}"
+        if "bf16_err" in r and name not in floors:  # results before 2026-12-06 GPU have none
+            floors.add(name)
+            lines.append(f"{name}   100%  bf16 (nothing quantized)  {100 * r['bf16_err']:6.2f}%")
         if r["kind"] == "budget":
             head = f"{name}  {pct(r['budget_bytes'], r['bf16_bytes'])}"
         else:

@@ -19,7 +19,8 @@ from ..backends.engine.clone import clone_tree
 from ..backends.engine.fit import Calibration, calibrate
 from ..backends.engine.fit_layers import fixed_parts, measure_layers
 from ..backends.engine.quantize import QUANTIZABLE
-from .comfy_patcher import is_loader_state, new_quantized_patcher, reset_loader_state_defaults
+from .comfy_patcher import (is_loader_state, new_quantized_patcher, reset_loader_state_defaults,
+                            settle_stored_dtypes)
 
 SAMPLER, SCHEDULER = "euler", "normal"
 CFG_WITH_NEGATIVE = 4.0  # with a negative prompt: cond and uncond both run, as in use
@@ -37,6 +38,7 @@ def calibration_copy(source):
     root = clone_tree(source.model, weight_source=original,
                       drop=lambda attr: is_loader_state(attr) or attr == "quantkit_reports")
     reset_loader_state_defaults(root)
+    settle_stored_dtypes(root)  # Dynamic VRAM: a file's fp16/fp32 weights in a bf16 model
     patcher = new_quantized_patcher(source, root)
     patcher.weight_inplace_update = False  # patched weights must never be written into shared storage
     return patcher

@@ -59,7 +59,8 @@ def settle_stored_dtypes(model) -> None:
                 dtype = getattr(module, f"{name}_comfy_model_dtype", None)
                 if t is None or dtype is None or t.dtype == dtype or not t.is_floating_point():
                     continue
-                converted = t.detach().to(dtype)
+                with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any mode
+                    converted = t.detach().to(dtype)
                 table[name] = torch.nn.Parameter(converted, requires_grad=False) if table is module._parameters else converted
 
 

@@ -31,10 +31,12 @@ def is_layer(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE) or _is_core_linear(module)
 
 
-def _not_float(weight: torch.Tensor) -> bool:
-    """Stored otherwise than as plain 16/32-bit floats (float8, a tensor subclass)."""
-    return type(weight) not in (torch.Tensor, nn.Parameter) or \
-        weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PLAIN_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_plain_float(weight: torch.Tensor) -> bool:
+    """Stored as plain 16/32-bit floats (not float8, not a tensor subclass)."""
+    return type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype in PLAIN_FLOATS
 
 
 def true_weight(name: str, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ def stored_as_floats(name: str, module: nn.Module):
     its weight otherwise (scaled fp8, a core QuantizedTensor): the true weight in float32
     (exact for float8 x scale) and the bias, the scales folded in; None for other modules."""
     weight = getattr(module, "weight", None)
-    if not is_layer(module) or not isinstance(weight, torch.Tensor) or not _not_float(weight):
+    if not is_layer(module) or not isinstance(weight, torch.Tensor) or is_plain_float(weight):
         return None
     out = {"weight": true_weight(name, module, weight).to(torch.float32)}
     if getattr(module, "bias", None) is not None:

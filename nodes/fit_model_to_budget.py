@@ -16,14 +16,11 @@ from ..backends.engine.quantize import QUANTIZABLE, check_exclude
 from ..backends.engine.recipes import get_recipe
 from .budget_calibration import measure_model
 from .clone_and_quantize import QUANTIZE_ON, quantize_patcher, work_device
-from .comfy_source_layers import is_layer
+from .comfy_source_layers import is_layer, is_plain_float
 from .quantize_model import detect_family
 
 PERCENT, GIB, THIS_GPU = "% of 16-bit size", "GiB", "this GPU: GiB to leave free"
 BUDGET_MODES = [PERCENT, GIB, THIS_GPU]
-
-
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_float_layers(root: torch.nn.Module) -> None:
@@ -33,8 +30,8 @@ def check_float_layers(root: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if not is_layer(module):
             continue
-        plain = isinstance(module, QUANTIZABLE) and type(weight) in (torch.Tensor, torch.nn.Parameter)
-        if not plain or weight.dtype not in _FLOAT or getattr(module, "scale_weight", None) is not None:
+        plain = isinstance(module, QUANTIZABLE) and is_plain_float(weight)
+        if not plain or getattr(module, "scale_weight", None) is not None:
             raise QuantKitError(
                 f"Layer '{name}' stores its weight as {type(weight).__name__} {weight.dtype}, not "
                 f"as plain 16/32-bit floats, and Fit Model to VRAM Budget measures float layers "

@@ -18,14 +18,13 @@ from .comfy_source_layers import stored_as_floats
 from .model_paths import escapes
 from .quantize_model import detect_family
 
-# ComfyUI model configs whose GGUF architecture name is not their family's
-ARCH_BY_CONFIG = {"Flux": "flux", "FluxSchnell": "flux", "AuraFlow": "aura"}
+# our family -> the GGUF architecture name files of that family carry
 ARCH_BY_FAMILY = {recipe: arch for arch, recipe in ARCHITECTURES.items() if recipe != "generic"}
 
 
 def architecture(model) -> str:
-    config = type(model.model.model_config).__name__
-    return ARCH_BY_CONFIG.get(config) or ARCH_BY_FAMILY.get(detect_family(model)) or config.lower()
+    """A known family's GGUF name ("flux", "aura", ...), else ComfyUI's config name."""
+    return ARCH_BY_FAMILY.get(detect_family(model)) or type(model.model.model_config).__name__.lower()
 
 
 def models_folder(kind: str) -> str:

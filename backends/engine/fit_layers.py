@@ -13,9 +13,10 @@ from .budget import LayerChoices
 from .errors import QuantKitError
 from .layer_options import candidate_formats, layer_options
 from .output_sensitivity import Sensitivity
-from .quantize import QUANTIZABLE, recipe_keep_reason
+from .quantize import QUANTIZABLE, params_outside, recipe_keep_reason
 from .recipes import Recipe
 from .registry import check_usable, get_format
+from .storage_census import own_stored_bytes, stored_nbytes
 
 # Candidate ladders, fastest first on each device (the tie order). Every format here is
 # written in torch alone (no optional package). On NVIDIA GPUs torchao:int8wo and the gguf
@@ -46,10 +47,7 @@ def fixed_parts(root: nn.Module, recipe: Recipe, exclude: Optional[str]):
     search may change, and the bytes it cannot (kept layers, parameters outside layers)
     counted as QuantReport counts them."""
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, QUANTIZABLE)]
-    in_layers = {id(m) for _, m in layers}
-    others = {id(p): p for m in root.modules() if id(m) not in in_layers  # a tied one once
-              for p in m.parameters(recurse=False)}
-    fixed = sum(p.nelement() * p.element_size() for p in others.values())
+    fixed = sum(stored_nbytes(p) for p in params_outside(root, [m for _, m in layers]))
     searched, kept = {}, {}
     for name, module in layers:
         reason = recipe_keep_reason(name, module, recipe, exclude)
@@ -57,7 +55,7 @@ def fixed_parts(root: nn.Module, recipe: Recipe, exclude: Optional[str]):
             searched[name] = module
         else:
             kept[name] = reason
-            fixed += sum(t.nelement() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+            fixed += own_stored_bytes(module)
     return searched, kept, fixed
 
 

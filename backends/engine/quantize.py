@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -65,6 +65,14 @@ def recipe_keep_reason(name, module, recipe: Recipe, exclude: Optional[str]) -> 
     if module.weight.nelement() < recipe.min_params:
         return f"tiny layer (< {recipe.min_params} weights)"
     return None
+
+
+def params_outside(root: nn.Module, layers) -> List[torch.Tensor]:
+    """`root`'s parameters outside `layers`, a tied one (transformers' T5: shared and
+    encoder.embed_tokens) once."""
+    in_layers = {id(m) for m in layers}
+    return list({id(p): p for m in root.modules() if id(m) not in in_layers
+                 for p in m.parameters(recurse=False)}.values())
 
 
 def check_exclude(exclude: Optional[str]) -> None:
@@ -154,10 +162,7 @@ def quantize_tree(root: nn.Module, format_id: str, recipe: Recipe, *, target: st
                          device=str(work_device), notes=() if plan is None else plan.notes)
     is_layer = is_layer or (lambda m: isinstance(m, QUANTIZABLE))
     layers = [(n, m) for n, m in root.named_modules() if is_layer(m)]
-    in_layers = {id(m) for _, m in layers}
-    # a tied parameter (transformers' T5: shared and encoder.embed_tokens) is counted once
-    report.record_other({id(p): p for m in root.modules() if id(m) not in in_layers
-                         for p in m.parameters(recurse=False)}.values())
+    report.record_other(params_outside(root, [m for _, m in layers]))
     start = time.perf_counter()
     for i, (name, module) in enumerate(layers):
         if plan is None:

@@ -17,6 +17,8 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Tuple
 
 from . import catalog
 from .build import default_out_dir
@@ -24,20 +26,53 @@ from .build import default_out_dir
 RESULT_TAG = "QK_CHECK_RESULT "
 PROMPT = "a photograph of an astronaut riding a horse"
 
+
+@dataclass(frozen=True)
+class Family:
+    """How one family's check loads its stand-ins; every family check then describes what
+    ComfyUI detected, encodes the prompt, takes one sampling step and, with a VAE, decodes
+    and encodes."""
+
+    description: str
+    checkpoint: str = ""  # loaded as CheckpointLoaderSimple does: model, text encoders and VAE inside
+    unet: str = ""  # loaded as UNETLoader does
+    clips: Tuple[str, ...] = ()  # loaded together as CLIPLoader / DualCLIPLoader / TripleCLIPLoader do
+    clip_type: str = ""  # comfy.sd.CLIPType member
+    clip_dtype: str = ""  # torch dtype the text encoders are kept in ("": ComfyUI's default)
+    vae: str = ""  # loaded as VAELoader does
+    bf16_unet: bool = False  # as --bf16-unet
+    min_latent: int = 0
+
+    @property
+    def needs(self) -> Tuple[str, ...]:
+        return tuple(n for n in (self.checkpoint, self.unet, *self.clips, self.vae) if n)
+
+
+FAMILIES = {
+    "sd15": Family("CheckpointLoaderSimple on the SD1.5 checkpoint", checkpoint="sd15"),
+    "sdxl": Family("CheckpointLoaderSimple on the SDXL checkpoint (UNet in bf16, as --bf16-unet)",
+                   checkpoint="sdxl", bf16_unet=True),
+    "sd3_d2": Family("CheckpointLoaderSimple on the SD3 checkpoint (CLIP-L + CLIP-G inside)", checkpoint="sd3_d2"),
+    "sd3_tiny": Family("UNETLoader + CLIPLoader(sd3, clip_l) + VAELoader", unet="sd3_tiny", clips=("clip_l",),
+                       clip_type="SD3", vae="sd3_vae"),
+    "sd3_triple": Family("TripleCLIPLoader(clip_l, clip_g, t5 fp8) + UNETLoader on the SD3 checkpoint",
+                         unet="sd3_d2", clips=("clip_l", "clip_g", "t5xxl_fp8"), clip_type="SD3"),
+    # CLIPLoader's default would widen the fp8 file to fp16 (about 9.5 GB); keep it fp8.
+    # ComfyUI's PixArt position embedding fails below a 40x40 latent (ZeroDivisionError).
+    "pixart": Family("UNETLoader + CLIPLoader(pixart, t5 fp8 kept fp8) + VAELoader(SDXL VAE)",
+                     unet="pixart_sigma_d2", clips=("t5xxl_fp8",), clip_type="PIXART",
+                     clip_dtype="float8_e4m3fn", vae="sdxl_vae", min_latent=40),
+    "flux": Family("UNETLoader + DualCLIPLoader(flux: clip_l + t5 fp8) + VAELoader(SD3 VAE, Flux's tensors)",
+                   unet="flux_d1", clips=("clip_l", "t5xxl_fp8"), clip_type="FLUX", vae="sd3_vae"),
+    "auraflow": Family("CheckpointLoaderSimple on the AuraFlow checkpoint (Pile-T5-XL inside)",
+                       checkpoint="auraflow_d2"),
+}
+TEXT_ENCODERS = ("clip_l", "clip_g")  # the "text_encoders" check: CLIPLoader(clip_l), DualCLIPLoader(sdxl)
+
 # check name -> (stand-ins it needs, description)
 CHECKS = {
-    "sd15": (("sd15",), "CheckpointLoaderSimple on the SD1.5 checkpoint"),
-    "sdxl": (("sdxl",), "CheckpointLoaderSimple on the SDXL checkpoint (UNet in bf16, as --bf16-unet)"),
-    "sd3_d2": (("sd3_d2",), "CheckpointLoaderSimple on the SD3 checkpoint (CLIP-L + CLIP-G inside)"),
-    "sd3_tiny": (("sd3_tiny", "clip_l", "sd3_vae"), "UNETLoader + CLIPLoader(sd3, clip_l) + VAELoader"),
-    "sd3_triple": (("sd3_d2", "clip_l", "clip_g", "t5xxl_fp8"),
-                   "TripleCLIPLoader(clip_l, clip_g, t5 fp8) + UNETLoader on the SD3 checkpoint"),
-    "pixart": (("pixart_sigma_d2", "t5xxl_fp8", "sdxl_vae"),
-               "UNETLoader + CLIPLoader(pixart, t5 fp8 kept fp8) + VAELoader(SDXL VAE)"),
-    "text_encoders": (("clip_l", "clip_g"), "CLIPLoader(clip_l), DualCLIPLoader(sdxl: clip_l + clip_g)"),
-    "flux": (("flux_d1", "clip_l", "t5xxl_fp8", "sd3_vae"),
-             "UNETLoader + DualCLIPLoader(flux: clip_l + t5 fp8) + VAELoader(SD3 VAE, Flux's tensors)"),
-    "auraflow": (("auraflow_d2",), "CheckpointLoaderSimple on the AuraFlow checkpoint (Pile-T5-XL inside)"),
+    **{name: (f.needs, f.description) for name, f in FAMILIES.items()},
+    "text_encoders": (TEXT_ENCODERS, "CLIPLoader(clip_l), DualCLIPLoader(sdxl: clip_l + clip_g)"),
 }
 
 
@@ -146,77 +181,55 @@ def _vae(run, vae, samples):
     run.finite("vae_encode", latent)
 
 
+def _check_family(run, family: Family, paths: dict, latent_size: int) -> None:
+    import torch
+    import comfy.sd
+    import comfy.utils
+    if family.checkpoint:
+        opts = {"dtype": torch.bfloat16} if family.bf16_unet else {}
+        model, clip, vae, _ = run.timed("load", comfy.sd.load_checkpoint_guess_config, paths[family.checkpoint],
+                                        output_vae=True, output_clip=True, model_options=opts)
+    else:
+        model = run.timed("load", comfy.sd.load_diffusion_model, paths[family.unet])
+        opts = {"dtype": getattr(torch, family.clip_dtype)} if family.clip_dtype else {}
+        clip = run.timed("load_clip", comfy.sd.load_clip, [paths[n] for n in family.clips],
+                         clip_type=getattr(comfy.sd.CLIPType, family.clip_type), model_options=opts)
+        vae = None
+        if family.vae:
+            vae = run.timed("load_vae", lambda p: comfy.sd.VAE(sd=comfy.utils.load_torch_file(p)), paths[family.vae])
+    run.describe_model(model)
+    run.describe_clip(clip)
+    if vae is not None:
+        run.describe_vae(vae)
+    cond = _encode(run, clip)
+    samples = _step(run, model, cond, max(latent_size, family.min_latent))
+    if vae is not None:
+        _vae(run, vae, samples)
+
+
+def _check_text_encoders(run, paths: dict) -> None:
+    import comfy.sd
+    sd = comfy.sd.CLIPType.STABLE_DIFFUSION
+    clip_l, clip_g = (paths[n] for n in TEXT_ENCODERS)
+    clip = run.timed("load_clip_l", comfy.sd.load_clip, [clip_l], clip_type=sd)
+    run.describe_clip(clip, "clip_l")
+    _encode(run, clip, "encode_clip_l")
+    del clip
+    clip = run.timed("load_dual", comfy.sd.load_clip, [clip_l, clip_g], clip_type=sd)
+    run.describe_clip(clip, "dual_sdxl")
+    _encode(run, clip, "encode_dual")
+
+
 def _run_check(name: str, paths: dict, latent_size: int) -> dict:
     import torch
     from .comfy_import import import_comfy
     import_comfy()
-    import comfy.sd
-    import comfy.utils
     run = _Run(name)
-    CT = comfy.sd.CLIPType
     with torch.inference_mode():
-        if name in ("sd15", "sdxl", "sd3_d2", "auraflow"):
-            opts = {"dtype": torch.bfloat16} if name == "sdxl" else {}
-            path = paths["auraflow_d2" if name == "auraflow" else name]
-            model, clip, vae, _ = run.timed("load", comfy.sd.load_checkpoint_guess_config, path,
-                                            output_vae=True, output_clip=True, model_options=opts)
-            run.describe_model(model)
-            run.describe_clip(clip)
-            run.describe_vae(vae)
-            cond = _encode(run, clip)
-            samples = _step(run, model, cond, latent_size)
-            _vae(run, vae, samples)
-        elif name == "sd3_tiny":
-            model = run.timed("load", comfy.sd.load_diffusion_model, paths["sd3_tiny"])
-            clip = run.timed("load_clip", comfy.sd.load_clip, [paths["clip_l"]], clip_type=CT.SD3)
-            vae = run.timed("load_vae", lambda p: comfy.sd.VAE(sd=comfy.utils.load_torch_file(p)), paths["sd3_vae"])
-            run.describe_model(model)
-            run.describe_clip(clip)
-            run.describe_vae(vae)
-            cond = _encode(run, clip)
-            samples = _step(run, model, cond, latent_size)
-            _vae(run, vae, samples)
-        elif name == "sd3_triple":
-            clip = run.timed("load_clip", comfy.sd.load_clip,
-                             [paths["clip_l"], paths["clip_g"], paths["t5xxl_fp8"]], clip_type=CT.SD3)
-            run.describe_clip(clip)
-            cond = _encode(run, clip)
-            model = run.timed("load", comfy.sd.load_diffusion_model, paths["sd3_d2"])
-            run.describe_model(model)
-            _step(run, model, cond, latent_size)
-        elif name == "pixart":
-            model = run.timed("load", comfy.sd.load_diffusion_model, paths["pixart_sigma_d2"])
-            # CLIPLoader's default would widen the fp8 file to fp16 (about 9.5 GB); keep it fp8.
-            clip = run.timed("load_clip", comfy.sd.load_clip, [paths["t5xxl_fp8"]], clip_type=CT.PIXART,
-                             model_options={"dtype": torch.float8_e4m3fn})
-            vae = run.timed("load_vae", lambda p: comfy.sd.VAE(sd=comfy.utils.load_torch_file(p)), paths["sdxl_vae"])
-            run.describe_model(model)
-            run.describe_clip(clip)
-            run.describe_vae(vae)
-            cond = _encode(run, clip)
-            # ComfyUI's PixArt position embedding fails below a 40x40 latent (ZeroDivisionError).
-            samples = _step(run, model, cond, max(latent_size, 40))
-            _vae(run, vae, samples)
-        elif name == "flux":
-            model = run.timed("load", comfy.sd.load_diffusion_model, paths["flux_d1"])
-            clip = run.timed("load_clip", comfy.sd.load_clip, [paths["clip_l"], paths["t5xxl_fp8"]],
-                             clip_type=CT.FLUX)
-            vae = run.timed("load_vae", lambda p: comfy.sd.VAE(sd=comfy.utils.load_torch_file(p)), paths["sd3_vae"])
-            run.describe_model(model)
-            run.describe_clip(clip)
-            run.describe_vae(vae)
-            cond = _encode(run, clip)
-            samples = _step(run, model, cond, latent_size)
-            _vae(run, vae, samples)
+        if name in FAMILIES:
+            _check_family(run, FAMILIES[name], paths, latent_size)
         elif name == "text_encoders":
-            clip = run.timed("load_clip_l", comfy.sd.load_clip, [paths["clip_l"]], clip_type=CT.STABLE_DIFFUSION)
-            run.describe_clip(clip, "clip_l")
-            _encode(run, clip, "encode_clip_l")
-            del clip
-            clip = run.timed("load_dual", comfy.sd.load_clip, [paths["clip_l"], paths["clip_g"]],
-                             clip_type=CT.STABLE_DIFFUSION)
-            run.describe_clip(clip, "dual_sdxl")
-            _encode(run, clip, "encode_dual")
+            _check_text_encoders(run, paths)
         else:
             raise ValueError(f"unknown check {name!r}; known: {', '.join(CHECKS)}")
     return run.result

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from .draws import gaussian
-from .formats import weight_error_band
+from .tolerances import weight_error_band
 
 
 def assert_weight_in_band(spec, err: float, heavy: bool, what: str) -> None:
-    """A round trip's relative error inside the format's rate-distortion band (formats.py)."""
+    """A round trip's relative error inside the format's rate-distortion band (tolerances.py)."""
     low, high = weight_error_band(spec.id, spec.bits_per_weight, heavy)
     print(f"{spec.id} {what}: relative error {err:.4f} (band {low:.4f}-{high:.4f})")
     assert low <= err <= high, f"{spec.id} {what}: relative error {err:.4f} outside {low:.4f}-{high:.4f}"

@@ -18,6 +18,7 @@ PACK_NODES = {  # node id -> display name: what users see, and what workflows st
     "QuantKitLoadGGUFCLIP": "Load GGUF CLIP (QuantKit)",
     "QuantKitMemoryReport": "Memory Report (QuantKit)",
     "QuantKitSaveQuantizedModel": "Save Quantized Model (QuantKit)",
+    "QuantKitFitModelToBudget": "Fit Model to VRAM Budget (QuantKit)",
 }
 
 

@@ -5,14 +5,15 @@ format should equal, within its physics, is the float model with Gaussian noise 
 format's relative RMS added to exactly the layers the format quantized (the recipe keeps
 the rest). Its output error, `noise_floor_error`, is what an ideal code of the format's
 bits would cause at the rate-distortion bound (2^-b); `output_error_band` widens it by the
-weight band of tests/harness/formats.py. A format one bit coarser, a scale off by a few
+weight band of tests/harness/tolerances.py. A format one bit coarser, a scale off by a few
 per cent, or a layer that was not quantized at all falls outside.
 """
 from __future__ import annotations
 
 import torch
 
-from .formats import ACTIVATION_QUANTIZED, BAND_ABOVE_BOUND, FLOAT8_FORMATS
+from .formats import ACTIVATION_QUANTIZED, FLOAT8_FORMATS
+from .tolerances import BAND_ABOVE_BOUND
 
 # The weights' own band carries over to the output: measured output error / floor on the
 # tiny SD3 with N(0, 0.02) weights, every CPU format (2026-12-02): 1.48-2.72. Heavy-tailed

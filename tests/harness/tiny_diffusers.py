@@ -1,7 +1,7 @@
 """Small diffusers denoisers, transformers text encoders and a whole SD3 pipeline, built
 from configs in memory (no downloads): the libraries' own classes with the real families'
 layer names, widths of 256 and more (GGUF K-quant blocks, recipes' minimum layer size),
-Linear/Conv weights drawn N(0, 0.02) as the format bands of formats.py assume, and
+Linear/Conv weights drawn N(0, 0.02) as the format bands of tolerances.py assume, and
 tokenizers made from a vocabulary of single letters."""
 from __future__ import annotations
 

@@ -37,15 +37,15 @@ def fill_state_dict(meta_sd: dict, seed: int, heavy: bool = True, dtype=torch.fl
     return out
 
 
-def tiny_sd3_state_dict(seed: int = 7, heavy: bool = True) -> dict:
+def tiny_sd3_state_dict(seed: int = 7, heavy: bool = True, dtype=torch.float16) -> dict:
     from bench.standins import components as c  # the stand-in builder knows ComfyUI's key names
     meta = c.diffusion_model_file("SD3", c.sd3_unet(SD3_TINY_DEPTH))
-    return fill_state_dict(meta, seed, heavy)
+    return fill_state_dict(meta, seed, heavy, dtype)
 
 
-def tiny_sd3_patcher(seed: int = 7, heavy: bool = True):
+def tiny_sd3_patcher(seed: int = 7, heavy: bool = True, file_dtype=torch.float16):
     import comfy.sd
-    return comfy.sd.load_diffusion_model_state_dict(tiny_sd3_state_dict(seed, heavy))
+    return comfy.sd.load_diffusion_model_state_dict(tiny_sd3_state_dict(seed, heavy, file_dtype))
 
 
 def sd3_inputs(batch: int = 2, size: int = 16, tokens: int = 8, seed: int = 0):

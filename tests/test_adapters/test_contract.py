@@ -1,7 +1,7 @@
 """One contract every backend format meets on the CPU (pure torch, no ComfyUI).
 
 Errors are read against the float weights and float64 products of them (not against the
-format's own dequantizer), inside bands set from each format's bits (harness/formats.py).
+format's own dequantizer), inside the bounds of harness/tolerances.py.
 How to see these fail: store torchao's int8 scale 3 % too large (done: int8wo's round trip
 leaves its band); a Q8_0 that stored Q6_K's error (1.7 %) would leave Q8_0's band
 (0.28-0.88 %), an int8 in place of an fp8 format falls below fp8's (1.8-3.6 %); make
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from conftest import pack_module
 from harness.draws import rel_err
-from harness.formats import activation_error, cpu_format_ids, weight_error_band
+from harness.formats import cpu_format_ids
+from harness.tolerances import activation_error, product_bound, rounding_bound, weight_error_band
 from harness.tiny_models import heavy_tailed
 
 registry = pack_module("backends.engine.registry")
@@ -28,6 +29,12 @@ CPU_FORMATS = cpu_format_ids(registry, base.hardware_problem)
 @pytest.fixture(params=CPU_FORMATS, ids=CPU_FORMATS)
 def fmt(request):
     return registry.get_format(request.param)
+
+
+def error_beside_exact_bias(got, product, bias) -> float:
+    """||got - (product + bias)|| / ||product||: the bias is exact, so the error is relative
+    to the product the weight error acts on (tolerances.py, product_bound)."""
+    return ((got.double() - product - bias.double()).norm() / product.norm()).item()
 
 
 def test_all_four_backends_are_registered():
@@ -59,10 +66,13 @@ def test_round_trip_plain_parts_and_bytes(fmt):
 
 
 def test_quantized_linear_matches_dequantized_math(fmt):
-    """QuantizedLinear against the float64 product of the float weights.
+    """QuantizedLinear against the float64 product of the float weights, inside
+    product_bound of the weight error (tolerances.py).
     Shown able to fail: QuantizedLinear.forward (engine/modules.py) returning
-    adapter.linear(...) + self._bias_for(x) (bias added twice) -> 0.85 against a bound near
-    0.04-0.15 (int8wo, nf4, nf4dq, Q4_K checked)."""
+    adapter.linear(...) + self._bias_for(x) (bias added twice) -> 1.45-1.62 against bounds of
+    0.035-0.13 (int8wo, nf4, nf4dq, Q4_K checked); the layer's product scaled by 1.05 ->
+    Q4_K 0.103 > 0.096, nf4 0.135 > 0.130, Q8_0 0.051 > 0.0095 (1.25 x the weight error
+    measured beside the bias let the 4-bit ones pass)."""
     adapter, spec = fmt
     lin = nn.Linear(1024, 256)
     with torch.no_grad():
@@ -70,26 +80,30 @@ def test_quantized_linear_matches_dequantized_math(fmt):
         lin.bias.normal_()
     parts = adapter.quantize(lin.weight.detach(), spec)
     q = modules.make_quantized(lin, adapter, spec, parts, lin.bias.detach())
-    x = torch.randn(2, 33, 1024)
-    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    x = torch.randn(2, 33, 1024, generator=torch.Generator().manual_seed(3))
+    product = F.linear(x.double(), lin.weight.double())
     weight_err = rel_err(q.dequantized_weight(torch.float32), lin.weight)
     got = q(x)
     assert got.shape == (2, 33, 256)
-    # random inputs carry a weight error into the output about one to one (the bias is exact)
-    assert rel_err(got, exact) < 1.25 * weight_err + activation_error(spec.id) + 1e-5
+    err = error_beside_exact_bias(got, product, lin.bias)
+    slack = activation_error(spec.id) + rounding_bound(torch.float32, 1024)
+    print(f"{spec.id}: output error {err:.4f}, weight error {weight_err:.4f}")
+    # random inputs carry the weight error into the output one to one (tolerances.py)
+    assert err < product_bound(weight_err, got.numel()) + slack
     # and the product is as good as the format's physics promises, whatever dequantize says
     physics = weight_error_band(spec.id, spec.bits_per_weight, heavy=True)[1]
-    assert rel_err(got, exact) < 1.25 * physics + activation_error(spec.id) + 1e-5
+    assert err < product_bound(physics, got.numel()) + slack
     names = set(q.state_dict())
     assert "weight" in names and "bias" in names
     assert q.stored_bytes() == sum(t.nelement() * t.element_size() for t in q.state_dict().values())
 
 
 def test_quantized_conv_matches_dequantized_math(fmt):
-    """QuantizedConv against the float64 conv of the float weights.
+    """QuantizedConv against the float64 conv of the float weights, inside product_bound.
     Shown able to fail: conv(x, w.flip(-1), ...) in QuantizedConv.forward (engine/modules.py)
-    -> 1.15 against 1.25 x the weight error (int8wo, nf4, nf4dq, Q4_K checked); padding 0
-    instead of self.padding -> the output shapes differ (RuntimeError)."""
+    -> 1.13-1.15 against bounds of 0.004-0.099 (int8wo, nf4, nf4dq, Q4_K checked); the
+    output scaled by 1.05 -> Q4_K 0.075 > 0.059; padding 0 instead of self.padding -> the
+    output shapes differ (RuntimeError)."""
     adapter, spec = fmt
     conv = nn.Conv2d(256, 128, 3, padding=1)  # 256*3*3 inputs: whole GGUF blocks
     if not spec.conv_ok:
@@ -97,9 +111,14 @@ def test_quantized_conv_matches_dequantized_math(fmt):
         return
     parts = adapter.quantize(conv.weight.detach(), spec)
     q = modules.make_quantized(conv, adapter, spec, parts, conv.bias.detach())
-    x = torch.randn(1, 256, 12, 12)
-    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    x = torch.randn(1, 256, 12, 12, generator=torch.Generator().manual_seed(4))
+    product = F.conv2d(x.double(), conv.weight.double(), padding=1)
     weight_err = rel_err(q.dequantized_weight(torch.float32), conv.weight)
-    assert rel_err(q(x), exact) < 1.25 * weight_err + 1e-5
+    got = q(x)
+    err = error_beside_exact_bias(got, product, conv.bias.reshape(-1, 1, 1))
+    rounding = rounding_bound(torch.float32, 256 * 3 * 3)
+    print(f"{spec.id}: output error {err:.4f}, weight error {weight_err:.4f}")
+    assert err < product_bound(weight_err, got.numel()) + rounding
     # PyTorch's default conv init is uniform: within the Gaussian band's upper edge
-    assert rel_err(q(x), exact) < 1.25 * weight_error_band(spec.id, spec.bits_per_weight)[1] + 1e-5
+    physics = weight_error_band(spec.id, spec.bits_per_weight)[1]
+    assert err < product_bound(physics, got.numel()) + rounding

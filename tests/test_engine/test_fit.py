@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import pack_module
+from harness.fit_tower import calibrated_tower, calibration_input, tower_layers
 
 fit = pack_module("backends.engine.fit")
 fit_layers = pack_module("backends.engine.fit_layers")
@@ -21,41 +21,9 @@ LADDER = fit_layers.GGUF_LADDER
 RECIPE = recipes.Recipe("test", min_params=0)
 
 
-class Tower(nn.Module):
-    """Residual MLP blocks, then twin layers of the same shape whose outputs are mixed in
-    at very different strengths: `loud`'s errors reach the output 32x stronger."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(256, 512)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 512))
-                                    for _ in range(3))
-        self.loud, self.quiet = nn.Linear(512, 512), nn.Linear(512, 512)
-        self.out = nn.Linear(512, 256)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
-            self.quiet.weight.copy_(self.loud.weight)  # twins: only their reach differs
-
-    def forward(self, x):
-        h = self.inp(x)
-        for block in self.blocks:
-            h = h + block(h)
-        h = h + 8 * self.loud(h) + 0.25 * self.quiet(h)
-        return self.out(h)
-
-
 @pytest.fixture(scope="module")
 def tower():
-    net = Tower()
-    calib = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
-    held_out = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
-    layers = {n: m for n, m in net.named_modules() if isinstance(m, quantize.QUANTIZABLE)}
-    with torch.no_grad():
-        reference = net(held_out)
-    calibration = fit.calibrate(net, layers, lambda: net(calib))
-    return net, calibration, held_out, reference
+    return calibrated_tower(fit, quantize.QUANTIZABLE)
 
 
 def _error(model, x, reference):
@@ -107,25 +75,19 @@ def test_the_choice_is_deterministic(tower):
     Shown able to fail: the probes' generator seeded from torch.seed() -> the plans differ
     ('inp' and 'out' swap gguf:Q6_K and gguf:Q8_0)."""
     net, calibration, _, _ = tower
-    calib = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
-    layers = {n: m for n, m in net.named_modules() if isinstance(m, quantize.QUANTIZABLE)}
-    again = fit.calibrate(net, layers, lambda: net(calib))
+    calib = calibration_input()
+    again = fit.calibrate(net, tower_layers(net, quantize.QUANTIZABLE), lambda: net(calib))
     first, second = _fit(net, calibration, 2_000_000)[1], _fit(net, again, 2_000_000)[1]
     assert first.formats == second.formats
     assert first.layer_errors == second.layer_errors
 
 
 def test_the_sensitive_twin_gets_more_bits(tower):
-    """`loud` and `quiet` hold the same weights and see the same input; `loud`'s output
-    reaches the model's output 32x stronger, so each of its errors must be estimated 32^2 =
-    1024x larger, and it gets more bits. Shown able to fail: Sensitivity.weight_error
-    ignoring the Fisher (sum of dW^2 alone) -> the ratio is 1."""
+    """`loud` and `quiet` hold the same weights and see the same input; `loud`'s errors reach
+    the model's output 32x stronger (test_fit_layers.py checks they are estimated 1024x
+    larger), so the fit gives it more bits. Shown able to fail: Sensitivity.weight_error
+    ignoring the Fisher (sum of dW^2 alone) -> both twins get gguf:Q4_K (4.5 > 4.5 fails)."""
     net, calibration, _, _ = tower
-    searched = {"loud": net.loud, "quiet": net.quiet}
-    measured = fit_layers.measure_layers(searched, calibration.rows, calibration.sensitivity, LADDER, RECIPE)
-    loud, quiet = ({o.format_id: o.error for o in c.options if o.format_id} for c in measured)
-    for fmt in loud:
-        assert loud[fmt] / quiet[fmt] == pytest.approx(1024, rel=1e-3), fmt
     _, plan, _ = _fit(net, calibration, 2_000_000)
     bits = {f: registry.get_format(f)[1].bits_per_weight if f else 16 for f in plan.formats.values()}
     assert bits[plan.formats["loud"]] > bits[plan.formats["quiet"]], plan.formats
@@ -141,16 +103,3 @@ def test_an_unreachable_budget_names_the_exact_smallest_size(tower):
     with pytest.raises(errors.BudgetUnreachable) as info:
         _fit(net, calibration, smallest - 1)
     assert f"({smallest} bytes)" in str(info.value)
-
-
-def test_quantize_tree_applies_a_per_layer_plan():
-    """Shown able to fail: _planned_layer ignoring the plan's reasons -> layer '1' reads
-    'the per-layer plan keeps it'."""
-    net = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256))
-    plan = quantize.LayerPlan({"0": "gguf:Q8_0", "1": None}, {"1": "kept by the plan"}, notes=("why",))
-    report = quantize.quantize_tree(net, "mixed", RECIPE, target="t", plan=plan)
-    actions = {r.name: (r.action, r.format_id, r.reason) for r in report.layers}
-    assert actions["0"][:2] == ("quantized", "gguf:Q8_0")
-    assert actions["1"] == ("kept", None, "kept by the plan")
-    assert actions["2"][0] == "kept" and "not in the per-layer plan" in actions["2"][2]
-    assert report.format_id == "mixed" and report.notes == ("why",)

@@ -1,5 +1,5 @@
 """Walking a module tree (engine/quantize.py): which layers are quantized, fall back or are
-kept, and what the report counts. Pure torch, no ComfyUI (every format's round trip is in
+kept, with one format or a per-layer plan, and what the report counts. Pure torch, no ComfyUI (every format's round trip is in
 test_adapters/test_contract.py; the nodes that call this are tested in test_nodes/)."""
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def test_quantize_tree_counts_kept_and_unsupported_layers():
     assert report.bytes_after < report.bytes_before
     assert isinstance(copy.body[0], modules.QuantizedLayer)
     assert not isinstance(model.body[0], modules.QuantizedLayer), "the source tree is untouched"
+
+
+def test_quantize_tree_applies_a_per_layer_plan():
+    """Shown able to fail: _planned_layer ignoring the plan's reasons -> layer '1' reads
+    'the per-layer plan keeps it'."""
+    net = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256))
+    plan = quantize.LayerPlan({"0": "gguf:Q8_0", "1": None}, {"1": "kept by the plan"}, notes=("why",))
+    report = quantize.quantize_tree(net, "mixed", recipes.Recipe("test", min_params=0), target="t", plan=plan)
+    actions = {r.name: (r.action, r.format_id, r.reason) for r in report.layers}
+    assert actions["0"][:2] == ("quantized", "gguf:Q8_0")
+    assert actions["1"] == ("kept", None, "kept by the plan")
+    assert actions["2"][0] == "kept" and "not in the per-layer plan" in actions["2"][2]
+    assert report.format_id == "mixed" and report.notes == ("why",)

@@ -12,7 +12,6 @@ docstring.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import pack_module
 from harness.draws import rel_err
-from harness.formats import weight_error_band
+from harness.tolerances import weight_error_band
 from harness.tiny_models import heavy_tailed
 
 import gguf  # a test dependency (.ci/requirements-dev.txt): missing means failing, not skipping
@@ -37,7 +37,7 @@ K_SCHEME = {"Q6_K": (16, (-32, 31), (-128, 127), False), "Q5_K": (32, (0, 31), (
 
 
 def band(name: str, heavy: bool) -> tuple:
-    """The physics band (harness/formats.py): [1, 3.2] x 2^-bits on Gaussian weights, up to
+    """The physics band (harness/tolerances.py): [1, 3.2] x 2^-bits on Gaussian weights, up to
     8 x 2^-bits on heavy-tailed ones."""
     return weight_error_band("gguf:" + name, BITS[name], heavy)
 

@@ -10,7 +10,8 @@ import torch
 
 from conftest import pack_module
 from harness.draws import gaussian, heavy_tailed, rel_err
-from harness.formats import activation_error, weight_error_band
+from harness.int8_reference import int8_rows
+from harness.tolerances import activation_error, weight_error_band
 
 fast = pack_module("backends.kernels.fast_linear")
 registry = pack_module("backends.engine.registry")
@@ -26,15 +27,11 @@ def _cuda():
         pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_matrix.sh)")
 
 
-def _int8_rows(t64):
-    scale = (t64.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    return torch.round(t64 / scale[:, None]).clamp(-127, 127), scale
-
 
 def _operands(m, k, n, dtype, seed=0):
     x = (gaussian((m, k), seed) * 50).to("cuda", dtype)
     w = heavy_tailed((n, k), seed + 1)
-    q64, s64 = _int8_rows(w.double())
+    q64, s64 = int8_rows(w.double())
     bias = (gaussian((n,), seed + 2)).to("cuda", dtype)
     return x, q64.to("cuda", torch.int8), s64.to("cuda", torch.float32), bias
 
@@ -67,7 +64,7 @@ def test_w8a8_kernel_is_the_exact_product(m, k, n):
     k_ = pack_module("backends.kernels.triton_8bit")
     for _ in range(3):
         xq, xs = k_.quantize_rows(x, torch.int8, 127.0)
-        xq64, xs64 = _int8_rows(x.double())
+        xq64, xs64 = int8_rows(x.double())
         assert torch.allclose(xs.squeeze(1).double(), xs64, rtol=1e-6, atol=0)
         assert (xq.double() - xq64).abs().max() <= 1 and (xq.double() != xq64).float().mean() < 1e-3
         y = k_.int8_weight_matmul(xq, q, s, xs, bias, torch.bfloat16)

@@ -235,6 +235,26 @@ def test_this_gpu_is_comfyuis_arithmetic_and_the_result_loads_whole(comfy):
     mm.unload_all_models()
 
 
+@pytest.mark.gpu
+def test_a_file_stored_in_another_dtype_than_the_model_runs_is_calibrated(comfy):
+    """Under Dynamic VRAM (0.33 on a GPU) core keeps a file's dtype (here fp32) and casts at
+    run time to the model's (fp16 on a GPU); the calibration copy runs on the classic
+    patcher, which does not cast. Shown able to fail (GPU, 0.33 with Dynamic VRAM):
+    calibration_copy without settle_stored_dtypes -> "mat1 and mat2 must have the same
+    dtype" (first seen in the full-size fit bench, 2026-12-06)."""
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
+    patcher = tiny_sd3_patcher(heavy=False, file_dtype=torch.float32)
+    device = torch.device(patcher.load_device)
+    fitted, text = fit(comfy, patcher, PERCENT, 40.0)
+    size16 = pack_module("nodes.fit_model_to_budget").size_at_16_bits(patcher.model.diffusion_model)
+    assert fitted.model.quantkit_reports[-1].bytes_after <= 0.4 * size16, text
+    out = denoise(fitted, {k: v.to(device) for k, v in sd3_inputs().items()})
+    assert torch.isfinite(out).all()
+    import comfy.model_management as mm
+    mm.unload_all_models()
+
+
 def test_layers_not_stored_as_plain_floats_are_refused(comfy):
     """A scaled fp8 or core-quantized source would be measured and counted wrong: refused with
     what to do. Shown able to fail: check_float_layers without its dtype test -> the float8

@@ -328,3 +328,18 @@ def test_clip_saved_beside_the_model_loads_back_with_load_gguf_clip(comfy, sourc
     with pytest.raises(errors.QuantKitError, match="exists"):  # before anything is written
         save(comfy, quantized, "with_clip", clip=clip)
     assert not (folder / "with_clip.gguf").exists()
+
+
+@pytest.mark.parametrize("config, arch", [("SD15", "sd1"), ("SDXL", "sdxl"), ("SD3", "sd3"),
+                                          ("PixArtSigma", "pixart"), ("Flux", "flux"),
+                                          ("FluxSchnell", "flux"), ("AuraFlow", "aura"),
+                                          ("WAN21", "wan21")])
+def test_the_gguf_architecture_is_the_one_comfyui_gguf_names_the_family(comfy, config, arch):
+    """general.architecture: "sd1", "sdxl", "sd3", "flux" and "aura" as ComfyUI-GGUF's
+    converter names them, so GGUF loaders that read it know our files; PixArt has our own
+    name; a family without a recipe gets ComfyUI's config name. Shown able to fail: ARCHITECTURES' "aura" renamed "auraflow"
+    (backends/gguf/convert.py) -> AuraFlow gives "auraflow"."""
+    from types import SimpleNamespace
+    save = pack_module("nodes.save_quantized_model")
+    model = SimpleNamespace(model=SimpleNamespace(model_config=type(config, (), {})()))
+    assert save.architecture(model) == arch
