@@ -7,6 +7,14 @@ import torch
 SD3_TINY_DEPTH = 4  # hidden 256: wide enough for GGUF K-quant blocks
 
 
+def sd3_roundings(dtype) -> int:
+    """Roundings each output value of one tiny SD3 call goes through (tests/harness/tolerances.py,
+    3.): for each product on its longest path (7 a joint block: modulation, qkv, q.k, attention.v,
+    proj, fc1, fc2; 2 before the blocks, 2 after) the widest sum (c_crossattn's 4096 terms) in
+    float32, or in half precision, which sums in float32, the weight's, scale's and output's casts."""
+    return (4096 if dtype == torch.float32 else 3) * (7 * SD3_TINY_DEPTH + 4)
+
+
 def heavy_tailed(shape, seed: int, std: float = 0.02) -> torch.Tensor:
     """Student-t (3 degrees of freedom) scaled to `std`: outliers like trained weights."""
     g = torch.Generator().manual_seed(seed)

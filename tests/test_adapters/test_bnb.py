@@ -21,8 +21,6 @@ BackendUnavailable = pack_module("backends.engine.errors").BackendUnavailable
 ADAPTER = pack_module("backends.adapters.bnb").BitsAndBytesAdapter()
 FOUR_BIT = ["nf4", "nf4dq", "fp4", "fp4dq"]
 ALL = FOUR_BIT + ["int8"]
-# half-precision outputs (and bnb's half-precision weights on CUDA) round at 2^-8 at most each
-HALF_ROUNDING = 2 * 2 ** -8
 
 spec, round_trip, assert_in_band = format_helpers(ADAPTER)
 
@@ -256,7 +254,7 @@ def test_dequantize_to_half_dtypes(name, dtype):
     w = gaussian((64, 128))
     parts, full = round_trip(w, name)
     half = ADAPTER.dequantize(parts, spec(name), w.shape, dtype)
-    assert half.dtype == dtype and rel_err(half, full) < 5e-3
+    assert half.dtype == dtype and rel_err(half, full) < rounding_bound(dtype)  # one cast
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -280,7 +278,7 @@ def test_cuda_path(name):
     Shown able to fail (run on an H200): quant_type -> the other 4-bit type in bnb.py's
     _quant_state -> 4-bit round trips leave the band (nf4 Gaussian 2.13 > 0.14);
     _matrix_shape(shape)[::-1] as linear's QuantState shape -> the 1-token fp16 product
-    misses (all four 4-bit fail); row_absmax * 1.03 in _int8_linear -> int8 0.030 > 0.020."""
+    misses (all four 4-bit fail); row_absmax * 1.03 in _int8_linear -> int8 0.030 > 0.024."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     s = spec(name)
@@ -293,12 +291,16 @@ def test_cuda_path(name):
     assert parts_nbytes(parts) * 8 / w.numel() == pytest.approx(s.bits_per_weight, rel=0.02)
     back = ADAPTER.dequantize(parts, s, w.shape, torch.float32)
     reference = weight_by_definition(parts, name, w.shape)
-    assert rel_err(back, reference) < 1e-6
+    # code x absmax (/ 127), the absmax itself code x scale + offset with double quantization
+    decode = rounding_bound(torch.float32, 3)
+    assert rel_err(back, reference) < decode, rel_err(back, reference)
     # quantized on the CPU, computed on the GPU: the same weights
     cpu_parts = ADAPTER.quantize(w.cpu(), s)
     moved = {k: v.cuda() for k, v in cpu_parts.items()}
     from_cpu = ADAPTER.dequantize(moved, s, w.shape, torch.float32)
-    assert rel_err(from_cpu.cpu(), ADAPTER.dequantize(cpu_parts, s, w.shape, torch.float32)) < 1e-6
+    assert rel_err(from_cpu.cpu(), ADAPTER.dequantize(cpu_parts, s, w.shape, torch.float32)) < decode
+    # bnb's CPU and CUDA quantizers are separate implementations: 0.05 is the old measured
+    # literal (H200, 2026-11-21), kept until a GPU run measures them against tie_flip_error
     assert rel_err(from_cpu, back) < 0.05
     for dtype in (torch.float16, torch.bfloat16):
         for tokens in (1, 7, 300):  # gemv, small and large batches take different kernels
@@ -309,7 +311,11 @@ def test_cuda_path(name):
             # relative to the product (a unit bias would hide a third of the error); LLM.int8
             # also rounds the activations to 8 bits
             err = rel_err(y.double() - bias.double(), product)
-            tol = HALF_ROUNDING + (activation_error(s.id) if name == "int8" else 0.0)
+            # roundings to the half dtype: 4-bit, the weight, each product (bnb's one-token
+            # kernel), the output and the bias add; LLM.int8 (integer products), the output
+            # and the bias add, plus its 8-bit activations
+            tol = (rounding_bound(dtype, 2) + activation_error(s.id) if name == "int8"
+                   else rounding_bound(dtype, 4))
             assert y.dtype == dtype and err < tol, (dtype, tokens, err)
 
 
@@ -318,8 +324,8 @@ def test_cuda_path(name):
 def test_cuda_matches_bnb_modules(name):
     """bnb's own Linear4bit / Linear8bitLt on the GPU against our parts and linear().
     Shown able to fail (run on an H200): quant_type -> the other 4-bit type in bnb.py's
-    _quant_state -> 2.25 > 1e-3 (all four 4-bit fail); row_absmax * 1.03 in _int8_linear ->
-    int8 0.030 > 1e-3."""
+    _quant_state -> 2.25 > 1.4e-3 (all four 4-bit fail); row_absmax * 1.03 in _int8_linear ->
+    int8 0.030 > 1.4e-3."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
     import bitsandbytes as bnb
@@ -343,4 +349,5 @@ def test_cuda_matches_bnb_modules(name):
     with torch.no_grad():
         expected = lin(x)
     ours = ADAPTER.linear(x, parts, s, w.shape, lin.bias)
-    assert rel_err(ours, expected) < 1e-3
+    err = rel_err(ours, expected)
+    assert err < rounding_bound(torch.float16, 2), err  # each side's output rounded to float16 once

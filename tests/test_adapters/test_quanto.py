@@ -10,7 +10,7 @@ from conftest import pack_module
 from harness.backend_checks import (check_missing_package_message, check_plain_parts_with_honest_size,
                                     format_helpers)
 from harness.draws import gaussian, heavy_tailed, rel_err
-from harness.tolerances import rounding_bound
+from harness.tolerances import rounding_bound, tie_flip_error
 
 registry = pack_module("backends.engine.registry")
 hardware_problem = pack_module("backends.engine.base").hardware_problem
@@ -207,7 +207,7 @@ def test_cuda_path(name):
     """On CUDA: round trips in the band, dequantize equal to quanto's own tensors, and
     linear() against their product.
     Shown able to fail (run on an H200): scale.to(x.dtype) -> (scale * 1.03).to(x.dtype) in
-    quanto.py's linear -> int8 and fp8 0.030 > 0.0078; - shift -> + shift in dequantize ->
+    quanto.py's linear -> int8 and fp8 0.030 > 0.016; - shift -> + shift in dequantize ->
     int4's round trip 5.27, out of the band."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the GPU machine (bash .ci/gpu_tests)")
@@ -220,16 +220,20 @@ def test_cuda_path(name):
     assert all(type(t) is torch.Tensor and t.is_cuda for t in parts.values())
     back = ADAPTER.dequantize(parts, s, w.shape, torch.float32)
     reference = quanto_weight(parts, name, w.shape).double().cuda()
-    assert rel_err(back, reference) < 1e-6
+    # (code - shift) x scale on each side
+    assert rel_err(back, reference) < rounding_bound(torch.float32, 2), rel_err(back, reference)
     cpu_parts = ADAPTER.quantize(w, s)
-    assert rel_err(back.cpu(), ADAPTER.dequantize(cpu_parts, s, w.shape, torch.float32)) < 1e-3
+    # the CPU and the GPU quantizers agree but for rounding ties
+    flips = tie_flip_error(rel_err(back, w.cuda()))
+    err = rel_err(back.cpu(), ADAPTER.dequantize(cpu_parts, s, w.shape, torch.float32))
+    assert err < flips, (err, flips)
     for dtype in (torch.float16, torch.bfloat16):
         for tokens in (1, 7, 300):
             x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
             bias = torch.randn(512, device="cuda", dtype=dtype)
             y = ADAPTER.linear(x, parts, s, w.shape, bias)
             product = x.double() @ reference.t()
-            # relative to the product (a unit bias would hide a third of the error); the
-            # output and the weight in half precision round at 2^-8 at most each
+            # relative to the product (a unit bias would hide a third of the error); four
+            # roundings to the half dtype: the scale, the scaled weight, the output, the bias add
             err = rel_err(y.double() - bias.double(), product)
-            assert y.dtype == dtype and err < 2 * 2 ** -8, (dtype, tokens, err)
+            assert y.dtype == dtype and err < rounding_bound(dtype, 4), (dtype, tokens, err)

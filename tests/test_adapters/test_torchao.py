@@ -6,7 +6,7 @@ import torch
 
 from conftest import pack_module
 from harness.draws import gaussian, rel_err
-from harness.tolerances import activation_error, rounding_bound, weight_error_band
+from harness.tolerances import TIE_FRACTION, activation_error, product_bound, rounding_bound, weight_error_band
 from harness.tiny_models import heavy_tailed
 
 registry = pack_module("backends.engine.registry")
@@ -27,7 +27,7 @@ def test_int8_values_equal_torchaos_affine_quantization():
     # one division each: at most one rounding apart
     assert torch.allclose(ours["scale"], scale.reshape(-1), rtol=rounding_bound(torch.float32), atol=0)
     assert (ours["weight"].int() - theirs.int()).abs().max() <= 1  # rounding ties at most
-    assert (ours["weight"] != theirs).float().mean() < 1e-3
+    assert (ours["weight"] != theirs).float().mean() < TIE_FRACTION
 
 
 @pytest.mark.parametrize("call", ["quantize", "dequantize", "decode_plan", "linear"])
@@ -62,7 +62,9 @@ def test_only_int4_needs_the_torchao_package(monkeypatch):
     for name in ("int8wo", "int8dq", "fp8wo"):
         spec = registry.check_usable(adapter, name, "cpu")
         y = adapter.linear(x, adapter.quantize(w, spec), spec, w.shape, None)
-        assert rel_err(y, x @ w.t()) < 0.05, name  # it computes (fidelity: the band tests)
+        # it computes, inside its band (fidelity: the band tests)
+        top = product_bound(weight_error_band(spec.id, spec.bits_per_weight)[1], y.numel())
+        assert rel_err(y, x @ w.t()) < top + activation_error(spec.id), name
     with pytest.raises(errors.BackendUnavailable, match=r"pip install torchao>=0\.10\.0"):
         registry.check_usable(adapter, "int4wo", "cpu")
 
@@ -99,10 +101,12 @@ def test_cuda_formats_linear(name):
         parts = adapter.quantize(w, spec)
         back_err = rel_err(adapter.dequantize(parts, spec, w.shape, torch.float32), w)
         err = rel_err(adapter.linear(x, parts, spec, w.shape, None), x.double() @ w.double().t())
-        # random inputs carry the weight error into the output about one to one (margins
-        # x 0.8 below, x 1.25 above), plus the 8-bit activations and the bf16 output (2^-8)
-        top = 1.25 * high + activation_error(spec.id) + 2 ** -8
+        # random inputs carry the weight error into the output one to one (product_bound),
+        # plus the 8-bit activations and the bf16 output
+        slack = activation_error(spec.id) + rounding_bound(torch.bfloat16)
+        top = product_bound(high, 64 * 1024) + slack
+        bottom = low * (2 - product_bound(1.0, 64 * 1024))  # the same spread below
         print(f"torchao:{name} {'heavy' if heavy else 'gaussian'}: weight {back_err:.4f} (band "
-              f"{low:.4f}-{high:.4f}), linear {err:.4f} (band {0.8 * low:.4f}-{top:.4f})")
+              f"{low:.4f}-{high:.4f}), linear {err:.4f} (band {bottom:.4f}-{top:.4f})")
         assert low <= back_err <= high
-        assert 0.8 * low <= err <= top
+        assert bottom <= err <= top

@@ -11,7 +11,7 @@ import torch
 from conftest import pack_module
 from harness.draws import gaussian, heavy_tailed, rel_err
 from harness.int8_reference import int8_rows
-from harness.tolerances import activation_error, weight_error_band
+from harness.tolerances import TIE_FRACTION, activation_error, product_bound, rounding_bound, weight_error_band
 
 fast = pack_module("backends.kernels.fast_linear")
 registry = pack_module("backends.engine.registry")
@@ -26,6 +26,16 @@ def _cuda():
     if not torch.cuda.is_available():
         pytest.fail("this test needs a CUDA GPU: run it on the GPU machine (bash .ci/gpu_matrix.sh)")
 
+
+
+# Triton's float32 division (div.full) is within 2 ulp, not correctly rounded; against torch's
+# correctly rounded one 2.5 ulp: rounding_bound(float32, 9) allows 3
+TRITON_DIVISION = rounding_bound(torch.float32, 9)
+
+
+def output_rounding(dtype, k):
+    """The kernels sum k products in float32 and round the output once to `dtype`."""
+    return rounding_bound(dtype) + rounding_bound(torch.float32, k)
 
 
 def _operands(m, k, n, dtype, seed=0):
@@ -51,7 +61,8 @@ def test_weight_only_kernel_is_the_exact_product(m, k, n, dtype):
     for _ in range(3):  # the first call compiles, the next ones take the direct launcher
         y = k_.int8_weight_matmul(x, q, s, None, bias, dtype)
         exact = x.double() @ (q.double() * s.double()[:, None]).t() + bias.double()
-        assert rel_err(y.double(), exact) < 2e-3  # the bf16/fp16 rounding of the output only
+        err = rel_err(y.double(), exact)
+        assert err < output_rounding(dtype, k), (err, output_rounding(dtype, k))
     assert any(v is not None for v in k_._LAUNCHERS.values()), "direct launcher never used"
 
 
@@ -65,16 +76,18 @@ def test_w8a8_kernel_is_the_exact_product(m, k, n):
     for _ in range(3):
         xq, xs = k_.quantize_rows(x, torch.int8, 127.0)
         xq64, xs64 = int8_rows(x.double())
-        assert torch.allclose(xs.squeeze(1).double(), xs64, rtol=1e-6, atol=0)
-        assert (xq.double() - xq64).abs().max() <= 1 and (xq.double() != xq64).float().mean() < 1e-3
+        assert torch.allclose(xs.squeeze(1).double(), xs64, rtol=TRITON_DIVISION, atol=0)
+        flips = (xq.double() != xq64).float().mean()
+        assert (xq.double() - xq64).abs().max() <= 1 and flips < TIE_FRACTION, flips
         y = k_.int8_weight_matmul(xq, q, s, xs, bias, torch.bfloat16)
         exact = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).t() + bias.double()
-        assert rel_err(y.double(), exact) < 2e-3
+        err = rel_err(y.double(), exact)
+        assert err < output_rounding(torch.bfloat16, k), (err, output_rounding(torch.bfloat16, k))
 
 
 def test_fp8_rowwise_is_the_exact_product():
     """Shown able to fail (reasoned, GPU only): _fp8_rowwise_eager passing scale_b as the
-    activation scale (xs and scale swapped) -> relative error of order 1, not 2e-3."""
+    activation scale (xs and scale swapped) -> relative error of order 1, not 8e-3."""
     if not fast.fp8_matmul_supported(torch.device("cuda")):
         pytest.skip("fp8 matrix products need compute capability 8.9 (this GPU has less)")
     adapter, spec = registry.get_format("torchao:fp8dq")
@@ -84,11 +97,13 @@ def test_fp8_rowwise_is_the_exact_product():
     k_ = pack_module("backends.kernels.triton_8bit")
     xq, xs = k_.quantize_rows(x, fast.FP8, fast.FP8_MAX)
     ref_q, ref_s = fast.quantize_rows_reference(x, fast.FP8, fast.FP8_MAX)
-    assert torch.allclose(xs, ref_s, rtol=1e-6, atol=0)
-    assert (xq.float() != ref_q.float()).float().mean() < 1e-3
+    assert torch.allclose(xs, ref_s, rtol=TRITON_DIVISION, atol=0)
+    flips = (xq.float() != ref_q.float()).float().mean()
+    assert flips < TIE_FRACTION, flips
     y = fast.fp8_linear(x, parts["weight"], parts["scale"], None, dynamic=True)
     exact = (xq.double() * xs.double()) @ (parts["weight"].double() * parts["scale"].double()[:, None]).t()
-    assert rel_err(y.double(), exact) < 2e-3
+    err = rel_err(y.double(), exact)
+    assert err < output_rounding(torch.bfloat16, 1024), err
 
 
 @pytest.mark.parametrize("fmt,rows,expected", [
@@ -111,9 +126,11 @@ def test_each_shape_gets_its_kernel(fmt, rows, expected):
     fast.KERNELS.clear()
     y = adapter.linear(x, parts, spec, w.shape, None)
     assert dict(fast.KERNELS) == {expected: 1}
-    # Gaussian weight band top, plus int8/fp8 activation rounding, plus bf16 output (2^-8)
-    bound = weight_error_band(fmt, spec.bits_per_weight)[1] + activation_error(fmt) + 2 ** -8
-    assert rel_err(y, x.float() @ w.t()) < bound
+    # the Gaussian weight band carried into the output, the int8/fp8 activations, the bf16 output
+    bound = (product_bound(weight_error_band(fmt, spec.bits_per_weight)[1], rows * 256)
+             + activation_error(fmt) + rounding_bound(torch.bfloat16))
+    err = rel_err(y, x.float() @ w.t())
+    assert err < bound, (err, bound)
 
 
 FULL_SIZE_FORMATS = ["torchao:int8wo", "torchao:int8dq", "torchao:fp8wo", "torchao:fp8dq",
@@ -124,8 +141,9 @@ FULL_SIZE_FORMATS = ["torchao:int8wo", "torchao:int8dq", "torchao:fp8wo", "torch
 def test_every_format_compiles_at_full_layer_size(fmt):
     """SDXL's 32x32 feed-forward (1280 -> 5120 -> 1280) at 2048 rows, bf16, through
     torch.compile: inductor's int8 weight-only rewrite used to fail at this size.
-    Compiled and eager differ by bf16 rounding (a few 2^-8 ulps: 2^-7 allowed) and, for the
-    formats that quantize activations, by re-rounding them in each of the two layers.
+    Compiled and eager differ by bf16 rounding (each layer's output and the GELU between: 3
+    roundings) and, for the formats that quantize activations, by re-rounding them in each
+    of the two layers.
     Shown able to fail (reasoned, GPU only): _int8_for_inductor dropping the weight scale
     from its W8A8 product -> the compiled output is off by orders of magnitude."""
     adapter, spec = registry.get_format(fmt)
@@ -142,4 +160,5 @@ def test_every_format_compiles_at_full_layer_size(fmt):
         eager = model(x)
         compiled = torch.compile(model)(x)
     assert torch.isfinite(compiled).all()
-    assert rel_err(compiled, eager) < 2 * activation_error(fmt) + 2 ** -7
+    err = rel_err(compiled, eager)
+    assert err < 2 * activation_error(fmt) + rounding_bound(torch.bfloat16, 3), err

@@ -16,6 +16,7 @@ from conftest import pack_module
 from harness.standin_clips import PROMPTS, encode, load_family_clip
 from harness.state_hash import state_digest
 from harness.tiny_models import denoise, sd3_inputs, tiny_sd3_patcher
+from harness.tolerances import TIE_FRACTION, rounding_bound
 
 import gguf
 from gguf.quants import quantize as gguf_py_quantize
@@ -48,16 +49,20 @@ def rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().reshape(weight.shape[0], -1)
 
 
-def assert_int8_is_torchaos(layer, source_weight):
+def assert_int8_is_torchaos(layer, source_weight) -> tuple:
+    """(largest relative scale difference, fraction of codes that differ) against torchao's."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
     w = rows(source_weight)
     block = (1, w.shape[1])
     scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, quant_min=-127,
                                         quant_max=127, eps=1e-12, scale_dtype=torch.float32)
     q = quantize_affine(w, block, scale, zero, torch.int8, quant_min=-127, quant_max=127)
-    assert torch.allclose(layer.weight_scale, scale.reshape(-1))
+    # one division each: at most one rounding apart
+    assert torch.allclose(layer.weight_scale, scale.reshape(-1), rtol=rounding_bound(torch.float32), atol=0)
     diff = (layer.weight.int() - q.int()).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # rounding ties at most
+    flipped = (diff > 0).float().mean().item()
+    assert diff.max() <= 1 and flipped < TIE_FRACTION  # rounding ties at most
+    return ((layer.weight_scale - scale.reshape(-1)).abs() / scale.reshape(-1)).max().item(), flipped
 
 
 def assert_gguf_is_gguf_pys(layer, source_weight):
@@ -81,9 +86,13 @@ def test_two_branches_in_different_formats_are_independent_and_each_correct(comf
     assert len(layers_a) >= 30
     # same recipe, so the same layers, but for the final projection kept at <= 4 bits
     assert set(layers_b) <= set(layers_a) and set(layers_a) - set(layers_b) == {"final_layer.linear"}
+    measured = []
     for name, layer in layers_a.items():
         assert layer.spec.id == "torchao:int8wo"
-        assert_int8_is_torchaos(layer, source[name])
+        measured.append(assert_int8_is_torchaos(layer, source[name]))
+    print(f"int8 vs torchao: scales differ by at most {max(m[0] for m in measured):.1e} (rtol "
+          f"{rounding_bound(torch.float32):.1e}), codes by a fraction {max(m[1] for m in measured):.1e} "
+          f"(TIE_FRACTION {TIE_FRACTION:.0e})")
     for name, layer in layers_b.items():
         assert layer.spec.id.startswith("gguf:")
         assert_gguf_is_gguf_pys(layer, source[name])

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from conftest import pack_module
 from harness.gguf_files import llama_cpp_t5_name, safetensors_items, write_file
 from harness.standin_clips import PROMPTS, encode, load_family_clip, te_path
+from harness.tolerances import weight_error_band
 
 import gguf
 from gguf.quants import dequantize as np_dequantize
 
 pytestmark = pytest.mark.usefixtures("unload_models_after_each_test")
 modules = pack_module("backends.engine.modules")
+registry = pack_module("backends.engine.registry")
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
@@ -93,13 +95,19 @@ def test_t5_in_llama_cpp_names_for_pixart(comfy, te_folder):
     assert torch.equal(wi_0.dequantized_weight(torch.float32),
                        torch.from_numpy(np_dequantize(picked["enc.blk.0.ffn_gate.weight"], Q8_0)))
     # every tensor landed under its ComfyUI name: each loaded weight is its source within
-    # Q8_0 rounding (another tensor of the same shape would be ~140 % off)
+    # Q8_0 rounding (another tensor of the same shape would be ~140 % off): the format's band
+    # on the stand-in's Gaussian weights
+    bound = weight_error_band("gguf:Q8_0", registry.get_format("gguf:Q8_0")[1].bits_per_weight)[1]
     loaded = t5.state_dict()
+    worst = 0.0
     for key, tensor in safetensors_items(te_path("qk_t5xxl_fp8.safetensors")):
         layer = t5.get_submodule(key.rpartition(".")[0])
         got = layer.dequantized_weight(torch.float32) if isinstance(layer, modules.QuantizedLayer) else loaded[key].float()
         want = tensor.float()
-        assert ((got - want).norm() / want.norm()).item() < 0.01, key
+        err = ((got - want).norm() / want.norm()).item()
+        worst = max(worst, err)
+        assert err < bound, (key, err, bound)
+    print(f"worst tensor: relative error {worst:.5f} (bound {bound:.5f})")
     conds = [encode(clip, p)[0] for p in PROMPTS]
     assert all(torch.isfinite(c).all() for c in conds) and cosine(conds[0], conds[1]) < 0.98
     import comfy.model_management
