@@ -61,6 +61,16 @@ def float_file(file: dict, weights: dict) -> dict:
             if not k.endswith("scale_weight") and k != "scaled_fp8"}
 
 
+def sd3_noise_floor(quantized, file: dict, weights: dict, inputs, reference) -> float:
+    """The float noise reference's output error: the float model of `weights` (float_file),
+    noise on the layers FORMAT quantized in `quantized`."""
+    from comfy.sd import load_diffusion_model_state_dict
+    fresh = load_diffusion_model_state_dict(float_file(file, weights))
+    layers = recipe_checked_layers(quantized.model, fresh.model.diffusion_model, FORMAT, "sd3",
+                                   prefix="diffusion_model.")
+    return noise_floor_error(fresh.model, layers, lambda: denoise(fresh, inputs), reference)
+
+
 def check_layers(root, file: dict, report, source_root, report_prefix=""):
     """Every scaled layer of the file the report does not keep is quantized from its true
     weight, and the report's source bytes are what the source stored: the float8 weight, its
@@ -115,10 +125,7 @@ def test_a_scaled_fp8_model_is_quantized_from_its_true_weights(comfy, sd3_file, 
     check_layers(quantized.model.diffusion_model, sd3_file, report, patcher.model.diffusion_model)
     err = rel_err(denoise(quantized, inputs), reference)
     # the float noise reference: the float model of the file's true weights
-    fresh = load_diffusion_model_state_dict(float_file(sd3_file, true_weights(sd3_file)))
-    layers = recipe_checked_layers(quantized.model, fresh.model.diffusion_model, FORMAT, "sd3",
-                                   prefix="diffusion_model.")
-    floor = noise_floor_error(fresh.model, layers, lambda: denoise(fresh, inputs), reference)
+    floor = sd3_noise_floor(quantized, sd3_file, true_weights(sd3_file), inputs, reference)
     low, high = output_error_band(floor)
     print(f"scaled fp8 source -> {FORMAT}: output relative error {err:.5f} (band {low:.5f}-{high:.5f})")
     assert_in_band(f"scaled fp8 source -> {FORMAT}", err, floor)
@@ -163,10 +170,7 @@ def _lora_on_scaled_fp8(comfy, sd3_file):
     reference = denoise(with_lora(load_diffusion_model_state_dict(float_file(sd3_file, truth)), lora), inputs)
     err = rel_err(denoise(quantized, inputs), reference)
     # its float noise reference: noise relative to the merged weights, which the quantizer saw
-    fresh = load_diffusion_model_state_dict(float_file(sd3_file, merged))
-    layers = recipe_checked_layers(quantized.model, fresh.model.diffusion_model, FORMAT, "sd3",
-                                   prefix="diffusion_model.")
-    floor = noise_floor_error(fresh.model, layers, lambda: denoise(fresh, inputs), reference)
+    floor = sd3_noise_floor(quantized, sd3_file, merged, inputs, reference)
     low, high = output_error_band(floor)
     print(f"scaled fp8 source + LoRA -> {FORMAT}: output relative error {err:.5f} (band {low:.5f}-{high:.5f}; "
           f"ComfyUI's own float8 run: {rel_err(fp8_run, reference):.4f})")
